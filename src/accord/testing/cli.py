@@ -1,0 +1,17 @@
+"""``accord tiny KIND OUT``: write a tiny random model folder, for offline trials and tests."""
+
+from __future__ import annotations
+
+from .tiny import KINDS, save_tiny_pipeline
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("kind", choices=KINDS, help="model family to imitate")
+    parser.add_argument("output", help="folder to write (diffusers save_pretrained layout)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    path = save_tiny_pipeline(args.kind, args.output, seed=args.seed)
+    print(f"wrote tiny {args.kind} pipeline to {path}")
+    return 0
