@@ -49,13 +49,13 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
             img = Image.open(path)
     except Image.DecompressionBombError:
         raise DataError(
-            f"{path}: image is too large to decode safely (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels); "
-            "downscale it first"
+            f"{path}: image is too large (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels, above the limit of "
+            f"{min(max_pixels, Image.MAX_IMAGE_PIXELS * 2):,}); downscale it first"
         ) from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image; remove it or convert it to PNG/JPEG") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot open image ({e}); re-copy or re-export it") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: {_reason(e)}; re-copy or re-export it, or remove it") from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
@@ -64,6 +64,11 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
             "downscale it first or raise max_pixels"
         )
     return img
+
+
+def _reason(e: Exception) -> str:
+    text = " ".join(str(e).split())  # one line
+    return "file is truncated" if "truncated" in text.lower() else f"cannot decode image ({text})"
 
 
 def image_size(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -118,8 +123,7 @@ def _load(path, max_pixels: int) -> Image.Image:
             img.load()
             return ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = "file is truncated" if "truncated" in str(e) else f"cannot decode image ({e})"
-        raise DataError(f"{path}: {reason}; re-copy or re-export it, or remove it") from None
+        raise DataError(f"{path}: {_reason(e)}; re-copy or re-export it, or remove it") from None
 
 
 def load_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
