@@ -8,6 +8,7 @@ import sys
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("accord.train_cli", "fine-tune a model on a folder of reference photos, with ACCORD's losses"),
     "tiny": ("accord.testing.cli", "write a tiny random model (sd, sd-v, sdxl, flux) as a local diffusers folder"),
 }
 

@@ -1,0 +1,115 @@
+"""Backbones: what differs per model family. ``load_backbone`` turns a hub id, a local diffusers
+folder or a single ``.safetensors`` file into one, offline-friendly and with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import ConfigError, ModelLoadError
+from .base import Backbone, Conditioning
+
+__all__ = ["Backbone", "Conditioning", "load_backbone", "detect_family", "FAMILIES"]
+
+FAMILIES = ("sd", "sdxl")
+_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def _offline_hint(source: str) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline:
+        return (
+            f"model {source!r} is not a local folder or file and is not in the Hugging Face cache, and the hub is "
+            "offline (HF_HUB_OFFLINE=1): give model.pretrained as a local diffusers folder, or download it first"
+        )
+    return f"model {source!r} could not be loaded: check the hub id / path, your network and `huggingface-cli login`"
+
+
+def detect_family(source: str, revision: str | None = None) -> str:
+    """Read the pipeline class from ``model_index.json`` (local or hub) and map it to a family."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(source)
+    try:
+        if path.is_dir():
+            index = path / "model_index.json"
+            if not index.is_file():
+                raise ModelLoadError(f"{path} has no model_index.json; give a diffusers pipeline folder (save_pretrained layout)")
+            name = json.loads(index.read_text())["_class_name"]
+        else:
+            name = DiffusionPipeline.load_config(source, revision=revision)["_class_name"]
+    except ModelLoadError:
+        raise
+    except Exception:
+        raise ModelLoadError(_offline_hint(source)) from None
+    if "XL" in name:
+        return "sdxl"
+    if "StableDiffusion" in name and "3" not in name:
+        return "sd"
+    raise ModelLoadError(f"model {source!r} is a {name}; supported families: {', '.join(FAMILIES)} (set model.backbone)")
+
+
+def _load_pipeline(cls, model_cfg, family: str):
+    source = model_cfg.pretrained
+    kwargs = {"revision": model_cfg.revision, "variant": model_cfg.variant}
+    if family == "sd":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if source.endswith((".safetensors", ".ckpt")):
+            if source.endswith(".ckpt"):
+                raise ModelLoadError(f"{source}: .ckpt files are pickles and are not loaded; convert it to .safetensors")
+            if not Path(source).is_file():
+                raise ModelLoadError(f"single-file model {source} not found")
+            config = model_cfg.single_file_config
+            return cls.from_single_file(source, config=config, **({"safety_checker": None} if family == "sd" else {}))
+        return cls.from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None or k == "safety_checker"})
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        if Path(source).exists():
+            raise ModelLoadError(f"{source}: could not be loaded as a {cls.__name__} ({str(exc).splitlines()[0]})") from None
+        if source.endswith(".safetensors"):
+            raise ModelLoadError(
+                f"{source}: a single file needs its configs; set model.single_file_config to a local diffusers folder "
+                "of the same family (offline the originals cannot be fetched)"
+            ) from None
+        raise ModelLoadError(_offline_hint(source)) from None
+
+
+def _pd_projection(name: str | None):
+    if not name:
+        return None
+    from transformers import CLIPTextModelWithProjection
+
+    try:
+        model = CLIPTextModelWithProjection.from_pretrained(name)
+    except Exception:
+        raise ModelLoadError(f"accord.pd_clip: {_offline_hint(name)}") from None
+    projection = model.text_projection.requires_grad_(False)
+    return projection
+
+
+def load_backbone(model_cfg, *, resolution: int = 512, pd_clip: str | None = None) -> Backbone:
+    """Load the base model named by ``model_cfg`` (:class:`accord.config.ModelConfig`)."""
+    import diffusers
+
+    from .stable_diffusion import StableDiffusionBackbone, StableDiffusionXLBackbone
+
+    family = model_cfg.backbone
+    if family == "auto":
+        if model_cfg.pretrained.endswith(".safetensors"):
+            raise ConfigError("model.backbone='auto' cannot read a single .safetensors file: set model.backbone to sd or sdxl")
+        family = detect_family(model_cfg.pretrained, model_cfg.revision)
+    if family not in FAMILIES:
+        raise ConfigError(f"model.backbone={family!r} is not supported; choose one of auto, {', '.join(FAMILIES)}")
+    pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family)
+    # Train on the DDPM grid of the model's own schedule (as diffusers' training scripts do).
+    noise_scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    if model_cfg.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
+        pipe.scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
+    source = model_cfg.pretrained
+    if family == "sdxl":
+        return StableDiffusionXLBackbone(pipe, noise_scheduler, source, resolution=resolution)
+    return StableDiffusionBackbone(pipe, noise_scheduler, source, pd_projection=_pd_projection(pd_clip))

@@ -1,0 +1,108 @@
+"""What every backbone offers the training loop: prompts → conditions, images → latents, a prediction.
+
+Backbones know nothing of methods; the loop knows only this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+__all__ = ["Conditioning", "Backbone"]
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts for a batch; optional fields are per-family extras (SDXL pooled + time ids)."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def _map(self, fn) -> "Conditioning":
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
+
+    def __getitem__(self, index) -> "Conditioning":
+        return self._map(lambda t: t[index])
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def detach(self) -> "Conditioning":
+        return self._map(lambda t: t.detach())
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        first = items[0]
+        out = {}
+        for f in fields(first):
+            values = [getattr(c, f.name) for c in items]
+            out[f.name] = None if values[0] is None else torch.cat(values, dim=0)
+        return Conditioning(**out)
+
+
+class Backbone:
+    """Base class. Subclasses set the attributes below in ``__init__``.
+
+    Attributes: ``family`` (str), ``denoiser`` (the trained network), ``vae``, ``text_encoders`` and
+    ``tokenizers`` (lists, same order as the stock pipeline's ``text_encoder``, ``text_encoder_2``),
+    ``noise_scheduler`` (a diffusers scheduler for training), ``parameterization``
+    (:class:`accord.losses.Parameterization`), ``pipeline_class`` and ``source`` (what was loaded).
+    """
+
+    family: str = ""
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def pipeline(self):  # pragma: no cover - interface
+        """A stock diffusers pipeline that shares this backbone's modules (for validation and saving)."""
+        raise NotImplementedError
+
+    def projected_text_features(self, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - interface
+        """CLIP projection-space features of prompts (PDLoss), with gradient through learned tokens."""
+        raise NotImplementedError
+
+    # -- shared helpers ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in [self.vae, *self.text_encoders, self.denoiser] if m is not None]
+
+    def add_tokens(self, tokens: list[str], initializer: str) -> list[list[int]]:
+        """Add ``tokens`` to every tokenizer, grow each text encoder's embedding table, and initialise
+        the new rows from ``initializer``'s first token. Returns the new ids per text encoder."""
+        all_ids = []
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            added = tokenizer.add_tokens(tokens)
+            if added != len(tokens):
+                from ..errors import ConfigError
+
+                raise ConfigError(
+                    f"token(s) {tokens} already exist in the tokenizer; choose a new placeholder like '<s*>' or '<new1>'"
+                )
+            init_ids = tokenizer.encode(initializer, add_special_tokens=False)
+            if not init_ids:
+                from ..errors import ConfigError
+
+                raise ConfigError(f"initializer token {initializer!r} encodes to nothing; pick a plain word")
+            encoder.resize_token_embeddings(len(tokenizer))
+            ids = tokenizer.convert_tokens_to_ids(tokens)
+            table = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                for i in ids:
+                    table[i] = table[init_ids[0]].clone()
+            all_ids.append(ids)
+        return all_ids

@@ -1,0 +1,105 @@
+"""Stable Diffusion 1.x/2.x and SDXL backbones (UNet2DConditionModel + AutoencoderKL + CLIP)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses import Parameterization
+from .base import Backbone, Conditioning
+
+__all__ = ["StableDiffusionBackbone", "StableDiffusionXLBackbone"]
+
+
+def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+class _UNetBackbone(Backbone):
+    def __init__(self, pipe, noise_scheduler, source: str):
+        self.source = source
+        self.pipeline_class = type(pipe)
+        self.denoiser = pipe.unet
+        self.vae = pipe.vae
+        self.noise_scheduler = noise_scheduler
+        self.parameterization = Parameterization(noise_scheduler)
+        self._pipe = pipe
+
+    def encode_images(self, pixel_values, generator=None):
+        vae = self.vae
+        dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+        latents = dist.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def pipeline(self):
+        return self._pipe
+
+    @property
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+class StableDiffusionBackbone(_UNetBackbone):
+    """SD 1.x / 2.x: one CLIP text encoder; conditions are its last hidden states."""
+
+    family = "sd"
+
+    def __init__(self, pipe, noise_scheduler, source: str, pd_projection: torch.nn.Module | None = None):
+        super().__init__(pipe, noise_scheduler, source)
+        self.text_encoders = [pipe.text_encoder]
+        self.tokenizers = [pipe.tokenizer]
+        self.pd_projection = pd_projection
+
+    def encode_prompts(self, prompts):
+        ids = _tokenize(self.tokenizers[0], prompts, self.device)
+        return Conditioning(embeds=self.text_encoders[0](ids)[0])
+
+    def predict(self, noisy, timesteps, cond):
+        return self.denoiser(noisy, timesteps, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+
+    def projected_text_features(self, prompts):
+        tokenizer, encoder = self.tokenizers[0], self.text_encoders[0]
+        ids = _tokenize(tokenizer, prompts, self.device)
+        pooled = encoder(ids).pooler_output
+        # SD's text tower is CLIP's; its projection is not shipped with SD, so take it from accord.pd_clip.
+        return pooled if self.pd_projection is None else self.pd_projection(pooled.to(self.pd_projection.weight.dtype))
+
+
+class StableDiffusionXLBackbone(_UNetBackbone):
+    """SDXL: two CLIP encoders (penultimate layers concatenated), pooled embeddings and time ids per condition."""
+
+    family = "sdxl"
+
+    def __init__(self, pipe, noise_scheduler, source: str, resolution: int = 1024):
+        super().__init__(pipe, noise_scheduler, source)
+        self.text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
+        self.tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+        self.resolution = resolution
+
+    def _time_ids(self, n: int, dtype) -> torch.Tensor:
+        # original size, crop top-left, target size: square training crops at the training resolution.
+        r = self.resolution
+        return torch.tensor([[r, r, 0, 0, r, r]], dtype=dtype, device=self.device).repeat(n, 1)
+
+    def encode_prompts(self, prompts):
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = _tokenize(tokenizer, prompts, self.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        embeds = torch.cat(hidden, dim=-1)
+        return Conditioning(embeds=embeds, pooled=pooled, time_ids=self._time_ids(len(prompts), embeds.dtype))
+
+    def predict(self, noisy, timesteps, cond):
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        return self.denoiser(
+            noisy, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False
+        )[0]
+
+    def projected_text_features(self, prompts):
+        ids = _tokenize(self.tokenizers[1], prompts, self.device)
+        return self.text_encoders[1](ids).text_embeds

@@ -1,0 +1,322 @@
+"""Typed training configuration: dataclasses with help text, validated at the edge.
+
+One class tree backs the YAML file and ``--set key=value`` overrides. Unknown keys are rejected
+with the key path, the allowed keys and the fix; bad values name the key, the value and the
+allowed values. ``accord train --help-config`` prints every key with its meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["Config", "load_config", "config_to_dict", "describe_keys", "apply_overrides"]
+
+
+def _f(default, help: str, choices: tuple | None = None, **kwargs):
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+BACKBONES = ("auto", "sd", "sdxl")
+METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
+PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f("", "base model: a Hugging Face hub id, a local diffusers folder, or a single .safetensors file")
+    backbone: str = _f("auto", "model family; 'auto' reads it from the model", BACKBONES)
+    revision: str | None = _f(None, "hub revision (branch, tag or commit)")
+    variant: str | None = _f(None, "weight variant to load, e.g. 'fp16'")
+    single_file_config: str | None = _f(
+        None, "for a single .safetensors file: a local diffusers folder (or hub id) holding the matching configs"
+    )
+    prediction_type: str | None = _f(
+        None, "override the scheduler's prediction type (e.g. 'v_prediction' for SD 2.x-768)", PREDICTION_TYPES
+    )
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str = _f("", "folder of reference images (+ optional .txt captions or metadata.jsonl)")
+    trigger: str = _f("sks", "trigger word of the personal concept; the caption phrase holding it is c_p")
+    class_noun: str = _f("", "superclass noun, e.g. 'backpack' (c_s; default captions and PDLoss)")
+    resolution: int = _f(512, "training resolution in pixels (square unless buckets are on)")
+    center_crop: bool = _f(True, "center crop after resizing (False: random crop)")
+    random_flip: bool = _f(False, "random horizontal flips")
+    buckets: bool = _f(False, "aspect-ratio buckets instead of square crops")
+    on_bad_image: str = _f("error", "what to do with unreadable images: stop with an error or skip with a warning", ("error", "skip"))
+    with_prior_preservation: bool = _f(False, "add the class-prior loss on class images (DreamBooth, Custom Diffusion)")
+    class_dir: str | None = _f(None, "folder of class images; generated there by the base model when short")
+    class_prompt: str | None = _f(None, "prompt of the class images; default 'a {class_noun}'")
+    num_class_images: int = _f(100, "number of class images to use (missing ones are generated)")
+    prior_loss_weight: float = _f(1.0, "weight of the class-prior loss")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("lora", "what is trained", METHODS)
+    train_text_encoder: bool = _f(False, "also train the text encoder(s) (dreambooth, lora)")
+    lora_rank: int = _f(16, "LoRA rank")
+    lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
+    text_lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "out_proj"], "text-encoder modules that get LoRA adapters")
+    placeholder_token: str = _f("<s*>", "textual inversion: the learned token (use it as data.trigger)")
+    initializer_token: str | None = _f(None, "textual inversion / custom diffusion: initialise new tokens from this word; default class_noun")
+    num_vectors: int = _f(1, "textual inversion: vectors per learned token")
+    modifier_token: str = _f("<new1>", "custom diffusion: the modifier token (use it as data.trigger)")
+    train_q_out: bool = _f(False, "custom diffusion: also train to_q and to_out of cross-attention")
+
+
+@dataclass
+class AccordConfig:
+    dd_weight: float = _f(0.0, "DDLoss weight (paper: 0.1-0.3); 0 disables and skips its passes")
+    pd_weight: float = _f(0.0, "PDLoss weight (paper: 0.001-0.003); 0 disables; for methods that train c_p")
+    dd_reduction: str = _f("mean", "DDLoss scale: 'mean' divides the dependence shift by elements per sample; 'sum' keeps nats", ("mean", "sum"))
+    dd_batch: int | None = _f(
+        None, "samples of each batch that get the DD term (its personal/general/empty passes); default all"
+    )
+    mode: str = _f(
+        "fast",
+        "'fast': joint+personal in one forward with gradient, general+empty in one forward without; "
+        "'lean': one forward with gradient at a time (two backwards, same gradient, ~plain peak memory)",
+        ("fast", "lean"),
+    )
+    pd_clip: str | None = _f(
+        None, "CLIP model with a text projection for PDLoss when the backbone's text encoder has none (SD 1.x/2.x)"
+    )
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("accord-output", "where checkpoints, logs, samples and the final weights go")
+    overwrite_output_dir: bool = _f(False, "allow starting a new run in a folder that already holds one")
+    seed: int = _f(0, "random seed (data order, noise, timesteps, augmentations)")
+    max_steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(1, "reference images per step and process")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    learning_rate: float = _f(1e-4, "learning rate")
+    lr_scheduler: str = _f("constant", "diffusers learning-rate schedule", ("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_warmup_steps: int = _f(0, "warm-up steps of the learning-rate schedule")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install 'accord[bnb]'; needs a GPU)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    mixed_precision: str = _f("no", "autocast precision", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    timestep_sampling: str = _f("uniform", "how training timesteps are drawn (paper Tab. 12)", ("uniform", "logit_normal"))
+    logit_mean: float = _f(0.0, "logit-normal m")
+    logit_std: float = _f(1.0, "logit-normal s")
+    snr_gamma: float | None = _f(None, "min-SNR weighting gamma (e.g. 5.0); None disables")
+    noise_offset: float = _f(0.0, "noise offset (e.g. 0.05); 0 disables")
+    cache_latents: bool = _f(False, "encode each reference once (only without random crops/flips)")
+    checkpoint_every: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int | None = _f(3, "keep at most this many checkpoints (None: keep all)")
+    validation_every: int = _f(0, "write a validation sample grid every N steps (0: off)")
+    validation_prompts: list = _f([], "validation prompts; '{trigger}' and '{class_noun}' are filled in")
+    validation_steps: int = _f(25, "inference steps of validation samples")
+    validation_guidance: float = _f(7.5, "classifier-free guidance of validation samples")
+    log_every: int = _f(10, "console log every N steps")
+    report_to: str = _f("tensorboard", "logger for accelerate", ("tensorboard", "none"))
+    max_nonfinite_steps: int = _f(5, "stop after this many non-finite losses in a row (each one's step is skipped)")
+    dataloader_workers: int = _f(0, "data loader worker processes")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    accord: AccordConfig = field(default_factory=AccordConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        """Reject incompatible combinations (peft-style ``__post_init__`` checks, at the edge)."""
+        if not self.model.pretrained:
+            raise ConfigError("model.pretrained is empty: give a hub id, a local diffusers folder or a .safetensors file")
+        if not self.data.instance_dir:
+            raise ConfigError("data.instance_dir is empty: give the folder of reference images")
+        if not self.data.class_noun:
+            raise ConfigError("data.class_noun is empty: give the superclass noun of the subject, e.g. 'backpack'")
+        for key, value in (("accord.dd_weight", self.accord.dd_weight), ("accord.pd_weight", self.accord.pd_weight)):
+            if value < 0:
+                raise ConfigError(f"{key}={value} is negative; use 0 to disable or a positive weight")
+        if self.accord.dd_batch is not None and self.accord.dd_batch < 1:
+            raise ConfigError(f"accord.dd_batch={self.accord.dd_batch}: use a positive number or null for the whole batch")
+        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution"):
+            section = self.data if key == "resolution" else self.train
+            if getattr(section, key) < 1:
+                raise ConfigError(f"{'data' if key == 'resolution' else 'train'}.{key} must be at least 1")
+        if self.method.name == "textual_inversion" and self.data.trigger != self.method.placeholder_token:
+            raise ConfigError(
+                f"data.trigger={self.data.trigger!r} differs from method.placeholder_token="
+                f"{self.method.placeholder_token!r}: textual inversion learns the trigger, set both to the same token"
+            )
+        if self.method.name == "custom_diffusion" and self.data.trigger != self.method.modifier_token:
+            raise ConfigError(
+                f"data.trigger={self.data.trigger!r} differs from method.modifier_token="
+                f"{self.method.modifier_token!r}: custom diffusion learns the modifier token, set both to the same token"
+            )
+        if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
+            raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
+        return self
+
+
+# ---------------------------------------------------------------------------- parsing
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in _SECTIONS}
+
+
+def _coerce(path: str, value: Any, f: dataclasses.Field, hint) -> Any:
+    choices = f.metadata.get("choices")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    optional = origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path} cannot be null; give a {getattr(base, '__name__', base)}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                out = value.lower() in ("true", "yes", "1")
+            else:
+                raise ValueError
+        elif base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+        elif base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        elif base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            out = os.path.expandvars(str(value))
+            unresolved = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", out)
+            if unresolved:
+                raise ConfigError(f"{path}={value!r} uses environment variable ${unresolved[0]}, which is not set")
+        elif base is list or typing.get_origin(base) is list:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            out = [str(v) for v in value]
+        else:  # pragma: no cover - every field type is listed above
+            out = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}={value!r} is not a valid {getattr(base, '__name__', str(base))}") from None
+    if choices is not None and out not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{path}={out!r} is not allowed; choose one of {allowed}")
+    return out
+
+
+def _unknown(path: str, key: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = f"{path}.{key}" if path else key
+    return ConfigError(f"unknown config key {where!r}{hint}; allowed here: {', '.join(allowed)}")
+
+
+def config_from_dict(data: dict | None) -> Config:
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config file must be a mapping of sections (model, data, method, accord, train)")
+    classes = _section_classes()
+    sections = {}
+    for key in data:
+        if key not in classes:
+            raise _unknown("", key, list(classes))
+    for name, cls in classes.items():
+        raw = data.get(name) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys, got {type(raw).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in raw.items():
+            if key not in fields:
+                raise _unknown(name, key, list(fields))
+            values[key] = _coerce(f"{name}.{key}", value, fields[key], hints[key])
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
+    data = {k: dict(v or {}) for k, v in (data or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--set {key!r}: name a key as section.key, e.g. accord.dd_weight=0.2")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        data.setdefault(parts[0], {})[parts[1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, and return a validated :class:`Config`."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; see examples/ for templates")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, method, accord, train)")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data).validate()
+
+
+def describe_keys() -> str:
+    """Every key with its default and meaning (for ``--help-config`` and the docs)."""
+    lines = []
+    for name, cls in _section_classes().items():
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            extra = f" [{' | '.join(str(c) for c in choices)}]" if choices else ""
+            lines.append(f"  {f.name}: {default!r}{extra}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+

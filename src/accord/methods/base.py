@@ -1,0 +1,101 @@
+"""The method plug-in interface: what is trained, how c_p is formed, what is written at the end.
+
+A method is registered by name with :func:`register`; the loop only calls the hooks below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["Method", "register", "METHOD_REGISTRY", "get_method"]
+
+METHOD_REGISTRY: dict[str, type["Method"]] = {}
+#: built-in methods, imported on first use (heavy imports only where used)
+METHOD_MODULES = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    if not cls.name or cls.name in METHOD_REGISTRY:
+        raise ValueError(f"method class {cls.__name__} needs a unique name (got {cls.name!r})")
+    METHOD_REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type["Method"]:
+    import importlib
+
+    if name in METHOD_MODULES and name not in METHOD_REGISTRY:
+        importlib.import_module(f"{__package__}.{name}")  # registers the class
+    if name not in METHOD_REGISTRY:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"method.name={name!r} is not known; choose one of {', '.join(sorted(METHOD_REGISTRY))}")
+    return METHOD_REGISTRY[name]
+
+
+class Method:
+    """Base class. ``setup`` freezes the backbone and makes trainable what the method trains."""
+
+    name: str = ""
+    #: c_p itself is learned (a token embedding): PDLoss applies.
+    learns_personal_embedding: bool = False
+    #: the text encoders carry gradient (learned tokens or text-encoder training).
+    trains_text: bool = False
+    #: the paper's baselines for this method use the class-prior loss.
+    prior_preservation_default: bool = False
+
+    def __init__(self, config, backbone):
+        self.config = config
+        self.backbone = backbone
+
+    # -- training ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        for module in self.backbone.frozen_modules():
+            module.requires_grad_(False)
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Modules holding trainable parameters (wrapped by accelerate for DDP)."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
+
+    def after_optimizer_step(self) -> None:
+        """Hook after each optimizer step (textual inversion restores the rows it does not learn)."""
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, for resumable checkpoints (saved as safetensors)."""
+        raise NotImplementedError
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def save(self, output_dir: Path) -> list[Path]:
+        """Write the result in the formats stock tools load; return the written paths."""
+        raise NotImplementedError
+
+    @staticmethod
+    def load_into(pipeline, output_dir: Path) -> None:
+        """Load this method's outputs from ``output_dir`` into a stock pipeline of the base model."""
+        raise NotImplementedError
+
+
+def named_trainable_state(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{n}": p.detach().cpu().clone().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_named_state(module: torch.nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.startswith(prefix + "."):
+                name = key[len(prefix) + 1 :]
+                if name not in params:
+                    from ..errors import AccordError
+
+                    raise AccordError(f"checkpoint tensor {key} has no matching parameter; was it made by another method?")
+                params[name].copy_(value.to(params[name].device, params[name].dtype))

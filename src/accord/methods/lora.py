@@ -1,0 +1,101 @@
+"""LoRA (Hu et al., 2021) on the UNet attention, optionally on the text encoders, through peft.
+
+Outputs: ``pytorch_lora_weights.safetensors`` in diffusers format (``pipe.load_lora_weights``) and
+``lora_kohya.safetensors`` in the kohya/A1111/ComfyUI key format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import Method, load_named_state, named_trainable_state, register
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+
+
+@register
+class LoRA(Method):
+    name = "lora"
+
+    def setup(self) -> None:
+        from peft import LoraConfig
+
+        super().setup()
+        m = self.config.method
+        alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
+        self.backbone.denoiser.add_adapter(
+            LoraConfig(r=m.lora_rank, lora_alpha=alpha, lora_dropout=m.lora_dropout, init_lora_weights="gaussian",
+                       target_modules=list(m.lora_targets))
+        )
+        self.trains_text = bool(m.train_text_encoder)
+        if self.trains_text:
+            for encoder in self.backbone.text_encoders:
+                encoder.add_adapter(
+                    LoraConfig(r=m.lora_rank, lora_alpha=alpha, lora_dropout=m.lora_dropout, init_lora_weights="gaussian",
+                               target_modules=list(m.text_lora_targets))
+                )
+
+    def trainable_modules(self):
+        mods = [self.backbone.denoiser]
+        if self.trains_text:
+            mods += list(self.backbone.text_encoders)
+        return mods
+
+    def _unwrapped(self):
+        from accelerate.utils import extract_model_from_parallel
+
+        return [extract_model_from_parallel(m) for m in self.trainable_modules()]
+
+    def trainable_state(self):
+        state = {}
+        for i, module in enumerate(self._unwrapped()):
+            state.update(named_trainable_state(module, f"m{i}"))
+        return state
+
+    def load_trainable_state(self, state):
+        for i, module in enumerate(self._unwrapped()):
+            load_named_state(module, f"m{i}", state)
+
+    def save(self, output_dir: Path) -> list[Path]:
+        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        modules = self._unwrapped()
+        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(modules[0]))}
+        if self.trains_text:
+            names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
+            for name, encoder in zip(names, modules[1:]):
+                layers[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+        self.backbone.pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **layers)
+        save_file(self._kohya_state(modules), str(output_dir / KOHYA_FILE))
+        return [output_dir / LORA_FILE, output_dir / KOHYA_FILE]
+
+    @staticmethod
+    def load_into(pipeline, output_dir: Path) -> None:
+        pipeline.load_lora_weights(str(output_dir), weight_name=LORA_FILE)
+
+
+    def _kohya_state(self, modules) -> dict[str, torch.Tensor]:
+        """kohya/A1111/ComfyUI keys (``lora_unet_*``, ``lora_te_*`` for SD 1/2, ``lora_te1_/lora_te2_*`` for
+        SDXL) with ``lora_down``/``lora_up`` and each module's ``alpha`` (diffusers' converter assumes
+        alpha = rank, so the configured alpha is written over it)."""
+        from diffusers.utils import convert_state_dict_to_kohya
+        from peft.utils import get_peft_model_state_dict
+
+        m = self.config.method
+        alpha = float(m.lora_alpha if m.lora_alpha is not None else m.lora_rank)
+        prefixes = ["unet", "text_encoder", "text_encoder_2"]
+        peft_sd = {}
+        for prefix, module in zip(prefixes, modules):
+            peft_sd.update({f"{prefix}.{k}": v for k, v in get_peft_model_state_dict(module).items()})
+        kohya = convert_state_dict_to_kohya(peft_sd)
+        out = {}
+        for key, value in kohya.items():
+            if self.backbone.family == "sd":
+                key = key.replace("lora_te1_", "lora_te_")
+            out[key] = torch.full_like(value, alpha, dtype=torch.float32) if key.endswith(".alpha") else value
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}

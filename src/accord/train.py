@@ -1,0 +1,435 @@
+"""The training loop: one read from top to bottom. Backbones, methods and losses plug in.
+
+Every random draw of step ``s`` comes from generators seeded by ``(seed, s, rank)`` and the data
+order from ``(seed, epoch)``, so a run resumed from a checkpoint repeats the uninterrupted run
+exactly (bitwise on the CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import Conditioning, load_backbone
+from .checkpoint import CONFIG_FILE, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_config
+from .config import Config, config_to_dict
+from .errors import AccordError, ConfigError
+from .losses import dd_loss, pd_loss
+from .methods import get_method
+
+logger = logging.getLogger("accord.train")
+
+__all__ = ["train", "StepLosses"]
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class _Batches:
+    """Micro-batches by (step, micro, rank): epoch permutations seeded by (seed, epoch)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, accumulation: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world, self.accumulation = rank, world, accumulation
+        self._perm_epoch, self._perm = None, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
+        return self._perm
+
+    def get(self, step: int, micro: int) -> dict:
+        from .data.references import collate_references
+
+        n = len(self.dataset)
+        start = ((step * self.accumulation + micro) * self.world + self.rank) * self.batch_size
+        samples = []
+        for position in range(start, start + self.batch_size):
+            epoch, offset = divmod(position, n)
+            self.dataset.set_epoch(epoch)
+            samples.append(self.dataset[int(self._order(epoch)[offset])])
+        return collate_references(samples)
+
+
+def _build_data(config: Config, accelerator, backbone):
+    from .data.references import ReferenceDataset, scan_references
+
+    d = config.data
+    items = scan_references(d.instance_dir, d.trigger, d.class_noun, on_bad_image=d.on_bad_image)
+    buckets = None
+    if d.buckets:
+        from .data.images import make_buckets
+
+        buckets = make_buckets(d.resolution)
+    dataset = ReferenceDataset(items, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
+                               buckets=buckets, seed=config.train.seed)
+    no_general = [it.path.name for it in items if not it.general]
+    if no_general and config.accord.dd_weight > 0:
+        logger.warning("DDLoss has nothing to decouple in %d caption(s) with no other concept (their DD term is 0): %s",
+                       len(no_general), ", ".join(no_general))
+    class_set = None
+    if d.with_prior_preservation:
+        from .data.class_images import ClassImages, generate_class_images
+
+        prompt = d.class_prompt or f"a {d.class_noun}"
+        folder = Path(d.class_dir or Path(config.train.output_dir) / "class_images")
+        generate_class_images(lambda: backbone.pipeline(), prompt, folder, d.num_class_images, seed=config.train.seed,
+                              height=d.resolution, width=d.resolution, accelerator=accelerator)
+        class_set = ClassImages(folder, prompt, d.resolution, num_images=d.num_class_images, seed=config.train.seed)
+    return items, dataset, class_set
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepLosses:
+    total: torch.Tensor
+    parts: dict  # name -> float tensor (detached), for logging
+
+
+class _TextCache:
+    """Encodings of frozen text encoders, computed once per prompt (text-embedding caching)."""
+
+    def __init__(self, backbone, enabled: bool):
+        self.backbone, self.enabled, self.store = backbone, enabled, {}
+
+    def __call__(self, prompts: list[str], grad: bool) -> Conditioning:
+        if grad or not self.enabled:
+            with torch.set_grad_enabled(grad):
+                return self.backbone.encode_prompts(prompts)
+        missing = sorted({p for p in prompts if p not in self.store})
+        if missing:
+            with torch.no_grad():
+                encoded = self.backbone.encode_prompts(missing)
+            for i, p in enumerate(missing):
+                self.store[p] = encoded[i : i + 1].detach()
+        return Conditioning.cat([self.store[p] for p in prompts])
+
+
+def _sample_timesteps(config: Config, backbone, n: int, generator: torch.Generator) -> torch.Tensor:
+    num = backbone.noise_scheduler.config.num_train_timesteps
+    if config.train.timestep_sampling == "uniform":
+        return torch.randint(0, num, (n,), generator=generator)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=config.train.logit_mean,
+                                              logit_std=config.train.logit_std, generator=generator)
+    return (u * num).long().clamp(0, num - 1)
+
+
+def _diffusion_loss(config: Config, backbone, pred, target, timesteps) -> torch.Tensor:
+    """Per-sample MSE, min-SNR weighted if asked (diffusers' ``compute_snr``)."""
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    gamma = config.train.snr_gamma
+    if gamma:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(backbone.noise_scheduler, timesteps.to(backbone.noise_scheduler.alphas_cumprod.device))
+        snr = snr.to(per.device)
+        weight = torch.minimum(snr, torch.full_like(snr, gamma))
+        weight = weight / (snr + 1) if backbone.parameterization.kind == "v_prediction" else weight / snr
+        per = per * weight
+    return per
+
+
+def compute_step(config: Config, backbone, method, text, batch: dict, class_batch: dict | None, generator,
+                 accelerator, superclass: str) -> StepLosses:
+    """Losses of one micro-batch; in ``lean`` mode this also runs the backward passes it needs."""
+    acc = config.accord
+    device = backbone.device
+    param = backbone.parameterization
+    n_inst = len(batch["caption"])
+    captions, personal, general = list(batch["caption"]), list(batch["personal"]), list(batch["general"])
+    pixels = batch["pixel_values"]
+    if class_batch is not None:
+        pixels = torch.cat([pixels, class_batch["pixel_values"]])
+        captions += list(class_batch["caption"])
+    with torch.no_grad():
+        latents = backbone.encode_images(pixels.to(device), generator=generator).float()
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    if config.train.noise_offset:
+        noise = noise + config.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
+    timesteps = _sample_timesteps(config, backbone, latents.shape[0], generator).to(device)
+    noisy = param.add_noise(latents, noise, timesteps)
+    target = param.training_target(latents, noise, timesteps)
+
+    # DD rows: instance samples whose caption has other concepts, at most accord.dd_batch of them.
+    dd_rows = [i for i in range(n_inst) if general[i]] if acc.dd_weight > 0 else []
+    if acc.dd_batch is not None:
+        dd_rows = dd_rows[: acc.dd_batch]
+    rows = torch.tensor(dd_rows, dtype=torch.long, device=device)
+    k = len(dd_rows)
+    grad_text = method.trains_text
+    cond = text(captions, grad_text)
+    parts: dict = {}
+
+    def diffusion(pred_joint):
+        per = _diffusion_loss(config, backbone, pred_joint, target, timesteps)
+        loss = per[:n_inst].mean()
+        parts["diffusion"] = loss.detach()
+        if class_batch is not None:
+            prior = per[n_inst:].mean()
+            parts["prior"] = prior.detach()
+            loss = loss + config.data.prior_loss_weight * prior
+        return loss
+
+    def dd(pred_joint_rows, pred_personal, pred_general, pred_null):
+        value, comps = dd_loss(pred_joint_rows, pred_personal, pred_general, pred_null, sample=noisy[rows],
+                               timesteps=timesteps[rows], scheduler=backbone.noise_scheduler, reduction=acc.dd_reduction)
+        parts["dd"] = value.detach()
+        parts["dependence_shift"] = comps["dependence_shift"].mean()
+        return value
+
+    pd_value = None
+    if acc.pd_weight > 0 and method.learns_personal_embedding:
+        pd_value = _pd_term(backbone, personal, general, superclass, config.data.trigger)
+        parts["pd"] = pd_value.detach()
+
+    if k == 0:
+        loss = diffusion(backbone.predict(noisy, timesteps, cond))
+    else:
+        cond_personal = text([personal[i] for i in dd_rows], grad_text)
+        with torch.no_grad():
+            cond_rest = Conditioning.cat([text([general[i] for i in dd_rows], False), text([""] * k, False)])
+        if acc.mode == "fast":
+            pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
+                                    Conditioning.cat([cond, cond_personal]))
+            pred_joint, pred_personal = pred[: len(noisy)], pred[len(noisy):]
+            with torch.no_grad():
+                rest = backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(2), cond_rest)
+            pred_general, pred_null = rest[:k], rest[k:]
+            loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], pred_personal, pred_general, pred_null)
+        else:  # lean: one forward with gradient alive at a time; the summed gradients equal fast mode's
+            with torch.no_grad():
+                rest = backbone.predict(noisy[rows].repeat(3, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(3),
+                                        Conditioning.cat([cond_personal.detach(), cond_rest]))
+            personal_d, pred_general, pred_null = rest[:k], rest[k: 2 * k], rest[2 * k:]
+            pred_joint = backbone.predict(noisy, timesteps, cond)
+            loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], personal_d, pred_general, pred_null)
+            if pd_value is not None:
+                loss = loss + acc.pd_weight * pd_value
+                pd_value = None
+            joint_d = pred_joint[rows].detach()
+            total = loss.detach()
+            if torch.isfinite(loss):
+                with accelerator.no_sync(backbone.denoiser):
+                    accelerator.backward(loss)
+            del pred_joint
+            pred_personal = backbone.predict(noisy[rows], timesteps[rows], text([personal[i] for i in dd_rows], grad_text))
+            second = acc.dd_weight * dd_loss(joint_d, pred_personal, pred_general, pred_null, sample=noisy[rows],
+                                             timesteps=timesteps[rows], scheduler=backbone.noise_scheduler,
+                                             reduction=acc.dd_reduction)[0]
+            if torch.isfinite(total):
+                accelerator.backward(second)
+            return StepLosses(total=total, parts={**parts, "lean_backward_done": True})
+    if pd_value is not None:
+        loss = loss + acc.pd_weight * pd_value
+    return StepLosses(total=loss, parts=parts)
+
+
+def _pd_term(backbone, personal: list[str], general: list[str], superclass: str, trigger: str) -> torch.Tensor:
+    """PDLoss: f_p from each c_p phrase (learned token inside), f_s from the same phrase with the
+    class noun in place of the trigger, f_g from each other concept separately."""
+    from .data.captions import split_phrases, trigger_pattern
+
+    f_p = backbone.projected_text_features(personal)
+    pattern = trigger_pattern(trigger)
+    supers = [" ".join(pattern.sub(superclass, p).split()) for p in personal]
+    phrases = [split_phrases(g) for g in general]
+    width = max(1, max(len(p) for p in phrases))
+    flat = [ph for p in phrases for ph in p]
+    with torch.no_grad():
+        f_s = backbone.projected_text_features(supers)
+        f_flat = backbone.projected_text_features(flat) if flat else None
+    f_g = torch.zeros(len(personal), width, f_p.shape[-1], device=f_p.device, dtype=f_p.dtype)
+    mask = torch.zeros(len(personal), width, dtype=torch.bool, device=f_p.device)
+    i = 0
+    for b, p in enumerate(phrases):
+        for j in range(len(p)):
+            f_g[b, j] = f_flat[i]
+            mask[b, j] = True
+            i += 1
+    return pd_loss(f_p, f_s, f_g, mask=mask)[0]
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _prepare_output_dir(config: Config, resume: str | None, is_main: bool) -> Path:
+    out = Path(config.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir={out} is a file; choose a folder")
+    holds_run = (out / CONFIG_FILE).is_file() or bool(list_checkpoints(out))
+    if holds_run and resume is None and not config.train.overwrite_output_dir:
+        raise ConfigError(f"train.output_dir={out} already holds a run; resume it with --resume latest, choose another "
+                          "output_dir, or set train.overwrite_output_dir=true (its checkpoints are then replaced)")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _make_optimizer(config: Config, params):
+    t = config.train
+    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
+    if t.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.use_8bit_adam needs bitsandbytes: pip install 'accord[bnb]'") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
+
+
+def train(config: Config, resume: str | None = None, progress: bool = True) -> Path:
+    """Run a training job; returns the output folder holding the final weights."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    t = config.train
+    out = Path(t.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=1,  # accumulation is explicit below (micro-batches are ours)
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    out = _prepare_output_dir(config, resume, accelerator.is_main_process)
+    config_dict = config_to_dict(config)
+    torch.manual_seed(t.seed)
+
+    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip)
+    method = get_method(config.method.name)(config, backbone)
+    method.setup()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    # Frozen weights in the autocast dtype, trained parameters in float32 (as diffusers' scripts do).
+    for module in backbone.frozen_modules():
+        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+    for p in method.parameters():
+        p.data = p.data.float()
+    if t.gradient_checkpointing:
+        backbone.denoiser.enable_gradient_checkpointing()
+    if config.accord.pd_weight > 0 and not method.learns_personal_embedding:
+        logger.warning("accord.pd_weight is set but method %s does not learn c_p; PDLoss is skipped", method.name)
+
+    items, dataset, class_set = _build_data(config, accelerator, backbone)
+    params = method.parameters()
+    if not params:
+        raise AccordError(f"method {method.name} has no trainable parameters; check method settings")
+    optimizer = _make_optimizer(config, params)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.max_steps)
+    prepared = accelerator.prepare(*method.trainable_modules(), optimizer)
+    optimizer = prepared[-1]
+    _rebind(backbone, method, prepared[:-1])
+
+    start_step, nonfinite = 0, 0
+    if resume is not None:
+        ckpt = find_checkpoint(out, resume)
+        state = load_checkpoint(ckpt, method=method, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                lr_scheduler=lr_scheduler, config_dict=config_dict)
+        start_step = state["step"]
+        logger.info("resumed from %s at step %d", ckpt, start_step)
+    if accelerator.is_main_process:
+        write_config(out / CONFIG_FILE, config_dict)
+        if t.report_to != "none":
+            accelerator.init_trackers("accord", config={f"{s}.{k}": str(v) for s, sec in config_dict.items() for k, v in sec.items()})
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = _Batches(dataset, t.batch_size, t.seed, rank, world, t.gradient_accumulation_steps)
+    class_batches = (_Batches(class_set, t.batch_size, t.seed + 1, rank, world, t.gradient_accumulation_steps)
+                     if class_set is not None else None)
+    text = _TextCache(backbone, enabled=not method.trains_text)
+    bar = tqdm(total=t.max_steps, initial=start_step, desc="accord train", disable=not (progress and accelerator.is_main_process))
+    last_log = time.time()
+    for step in range(start_step, t.max_steps):
+        torch.manual_seed(t.seed * 7919 + step * 31 + rank)  # dropout and anything else on the global RNG
+        logs, skipped = {}, False
+        for micro in range(t.gradient_accumulation_steps):
+            generator = _step_generator(t.seed, step, micro, rank)
+            batch = batches.get(step, micro)
+            class_batch = class_batches.get(step, micro) if class_batches else None
+            with accelerator.autocast():
+                losses = compute_step(config, backbone, method, text, batch, class_batch, generator, accelerator,
+                                      config.data.class_noun)
+            finite = torch.isfinite(losses.total).float()
+            finite = accelerator.reduce(finite.to(accelerator.device), reduction="sum")
+            if finite.item() < world:  # every rank skips together, so replicas stay identical
+                skipped = True
+                break
+            if not losses.parts.pop("lean_backward_done", False):
+                accelerator.backward(losses.total / t.gradient_accumulation_steps)
+            for name, value in {"loss": losses.total, **losses.parts}.items():
+                logs[name] = logs.get(name, 0.0) + float(value.detach()) / t.gradient_accumulation_steps
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite += 1
+            logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, nonfinite)
+            if nonfinite >= t.max_nonfinite_steps:
+                found = list_checkpoints(out)
+                where = f"last good checkpoint: {found[-1]}" if found else "no checkpoint was written yet"
+                raise AccordError(f"{nonfinite} non-finite losses in a row at step {step + 1} ({where}); lower "
+                                  "train.learning_rate, use bf16 instead of fp16, or raise train.max_nonfinite_steps")
+            bar.update(1)
+            continue
+        nonfinite = 0
+        if t.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step()
+        done = step + 1
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        accelerator.log(logs, step=done)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "dd", "pd", "dependence_shift")})
+        if accelerator.is_main_process and (done % t.log_every == 0 or done == t.max_steps):
+            shown = "  ".join(f"{k}={v:.5g}" for k, v in logs.items())
+            bar.write(f"step {done}/{t.max_steps}  {shown}  ({time.time() - last_log:.1f}s)")
+            last_log = time.time()
+        if t.validation_every and done % t.validation_every == 0 and accelerator.is_main_process:
+            from .validation import write_validation_grid
+
+            write_validation_grid(config, backbone, out / "samples" / f"step-{done:06d}.png", accelerator=accelerator)
+        if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(out, done, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
+                                config_dict=config_dict, extra={"nonfinite": nonfinite}, keep=t.checkpoints_total_limit)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        written = method.save(out)
+        logger.info("wrote %s", ", ".join(str(p) for p in written))
+    accelerator.end_training()
+    return out
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _rebind(backbone, method, prepared) -> None:
+    """Point the backbone at accelerate's wrapped modules (DDP), matching by identity of the inner module."""
+    from accelerate.utils import extract_model_from_parallel
+
+    for wrapped in prepared:
+        inner = extract_model_from_parallel(wrapped)
+        if inner is extract_model_from_parallel(backbone.denoiser):
+            backbone.denoiser = wrapped
+        for i, enc in enumerate(backbone.text_encoders):
+            if inner is extract_model_from_parallel(enc):
+                backbone.text_encoders[i] = wrapped
