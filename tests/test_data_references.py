@@ -268,6 +268,12 @@ def test_augmentations_are_deterministic_per_seed_epoch_index(noisy_items):
     b = _samples(make(7), epoch=2)  # a "resumed" run: new dataset object, same epoch
     for x, y in zip(a, b):
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["crop_top_left"], y["crop_top_left"])
+    # the decode-and-resize cache changes nothing, whatever epoch filled it
+    cached, fresh = make(7), ReferenceDataset(noisy_items, 32, center_crop=False, random_flip=True, seed=7, cache=False)
+    _samples(cached, epoch=0)
+    for x, y in zip(_samples(cached, epoch=2), _samples(fresh, epoch=2)):
+        assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["pixel_values"], a[x["index"]]["pixel_values"])
+    assert len(cached._cache) == 4 and not fresh._cache
     # order of access does not matter
     ds = make(7)
     ds.set_epoch(2)

@@ -36,6 +36,7 @@ class ClassImages(ReferenceDataset):
     Samples look like :class:`ReferenceDataset`'s; the class prompt holds no trigger, so
     ``personal`` is ``""`` and ``general`` is the whole prompt. Image headers are read up front;
     a file that fails to decode raises :class:`DataError` naming it when its sample is loaded.
+    ``cache`` is off by default: class sets hold hundreds of images.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class ClassImages(ReferenceDataset):
         buckets=None,
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache: bool = False,
     ):
         folder = _check_folder(folder, "class image folder")
         prompt = normalize_caption(class_prompt or "")
@@ -68,7 +70,7 @@ class ClassImages(ReferenceDataset):
         items = [ReferenceItem(p, prompt, "", prompt, None, image_size(p, max_pixels)) for p in paths]
         super().__init__(
             items, resolution, center_crop=center_crop, random_flip=random_flip, buckets=buckets, seed=seed,
-            max_pixels=max_pixels,
+            max_pixels=max_pixels, cache=cache,
         )
         self.folder = folder
         self.class_prompt = prompt

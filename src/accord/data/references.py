@@ -291,6 +291,9 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
     With ``buckets`` (see :func:`~accord.data.images.make_buckets`) each image is resized to its
     aspect-ratio bucket instead of ``resolution``; batch with :class:`BucketBatchSampler`.
+
+    ``cache=True`` keeps each image decoded and resized (before the random crop, so samples are
+    bitwise the same as without the cache): a few-shot set decodes its photos once per worker.
     """
 
     def __init__(
@@ -303,6 +306,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
         buckets: Sequence[tuple[int, int]] | None = None,
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache: bool = True,
     ):
         if not items:
             raise DataError("no reference images given; point the dataset at a folder with photos")
@@ -315,6 +319,8 @@ class ReferenceDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.max_pixels = max_pixels
+        self.cache = cache
+        self._cache: dict[int, tuple] = {}
         self.has_masks = any(it.mask_path is not None for it in self.items)
         self.buckets = list(buckets) if buckets else None
         if self.buckets:
@@ -329,38 +335,53 @@ class ReferenceDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _resized(self, index: int):
+        """``(image, mask or None, (orig_h, orig_w))`` resized to cover the target: no randomness, so cacheable."""
+        if index in self._cache:
+            return self._cache[index]
+        item = self.items[index]
+        img = load_rgb(item.path, self.max_pixels)
+        original = (img.height, img.width)
+        (rw, rh), _ = plan_resize_and_crop(img.width, img.height, self.target_sizes[index])
+        mask = None
+        if item.mask_path is not None:
+            mask = load_mask(item.mask_path, self.max_pixels)
+            if mask.size != img.size:
+                raise DataError(f"{item.mask_path}: mask is {mask.width}x{mask.height} but its image {item.path.name} "
+                                f"is {img.width}x{img.height}; save the mask at the image's size")
+            mask = mask.resize((rw, rh), Image.BILINEAR) if mask.size != (rw, rh) else mask
+        img = img.resize((rw, rh), Image.LANCZOS) if img.size != (rw, rh) else img
+        if self.cache:
+            self._cache[index] = (img, mask, original)
+        return img, mask, original
+
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        gen = augmentation_generator(self.seed, self.epoch, index)
-        img = load_rgb(item.path, self.max_pixels)
+        img, mask, (orig_h, orig_w) = self._resized(index)
         tw, th = self.target_sizes[index]
-        (rw, rh), (top, left) = plan_resize_and_crop(img.width, img.height, (tw, th), self.center_crop, gen)
+        # the resized size does not depend on the generator, so cached and fresh images give the same crop
+        gen = augmentation_generator(self.seed, self.epoch, index)
+        (rw, rh), (top, left) = plan_resize_and_crop(orig_w, orig_h, (tw, th), self.center_crop, gen)
         flip = self.random_flip and bool(torch.rand((), generator=gen) < 0.5)
 
-        def transform(im: Image.Image, resample) -> Image.Image:
-            if im.size != (rw, rh):
-                im = im.resize((rw, rh), resample)
+        def crop_flip(im: Image.Image) -> Image.Image:
             im = im.crop((left, top, left + tw, top + th))
             return im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im
 
         sample = {
-            "pixel_values": pil_to_tensor(transform(img, Image.LANCZOS)).float().div(127.5).sub(1.0),
+            "pixel_values": pil_to_tensor(crop_flip(img)).float().div(127.5).sub(1.0),
             "caption": item.caption,
             "personal": item.personal,
             "general": item.general,
             "index": index,
-            "original_size": torch.tensor([img.height, img.width]),
+            "original_size": torch.tensor([orig_h, orig_w]),
             "crop_top_left": torch.tensor([top, rw - left - tw if flip else left]),
         }
         if self.has_masks:
-            if item.mask_path is None:
+            if mask is None:
                 sample["mask"] = torch.ones(1, th, tw)
             else:
-                mask = load_mask(item.mask_path, self.max_pixels)
-                if mask.size != img.size:
-                    raise DataError(f"{item.mask_path}: mask size {mask.size} differs from {item.path.name} {img.size}; "
-                                    "save the mask at the image's size")
-                sample["mask"] = pil_to_tensor(transform(mask, Image.BILINEAR)).float().div(255.0)
+                sample["mask"] = pil_to_tensor(crop_flip(mask)).float().div(255.0)
         return sample
 
 
