@@ -55,6 +55,12 @@ class Backbone:
     """
 
     family: str = ""
+    #: rewrites each prompt before it is tokenized (a method's hook, e.g. multi-vector textual
+    #: inversion expands its token into all vector tokens); ``None`` leaves prompts as they are.
+    prompt_transform = None
+
+    def prepare_prompts(self, prompts: list[str]) -> list[str]:
+        return list(prompts) if self.prompt_transform is None else [self.prompt_transform(p) for p in prompts]
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - interface
         raise NotImplementedError
@@ -98,7 +104,7 @@ class Backbone:
                 from ..errors import ConfigError
 
                 raise ConfigError(f"initializer token {initializer!r} encodes to nothing; pick a plain word")
-            encoder.resize_token_embeddings(len(tokenizer))
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set below
             ids = tokenizer.convert_tokens_to_ids(tokens)
             table = encoder.get_input_embeddings().weight
             with torch.no_grad():

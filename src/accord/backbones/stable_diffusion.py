@@ -16,6 +16,23 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
     ).input_ids.to(device)
 
 
+def _eos_pooled(hidden: torch.Tensor, ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The final hidden state at each prompt's first end-of-text token (CLIP's pooled feature).
+
+    transformers' ``pooler_output`` takes ``argmax(input_ids)`` when a config says ``eos_token_id=2``
+    (SD 1.x and SDXL ship such configs), which lands on an added token (id > 49407) once textual
+    inversion has grown the vocabulary; PDLoss needs the true end-of-text feature.
+    """
+    first_eos = (ids == tokenizer.eos_token_id).int().argmax(dim=-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_eos]
+
+
+def _unwrap(module):
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module)
+
+
 class _UNetBackbone(Backbone):
     def __init__(self, pipe, noise_scheduler, source: str):
         self.source = source
@@ -25,6 +42,9 @@ class _UNetBackbone(Backbone):
         self.noise_scheduler = noise_scheduler
         self.parameterization = Parameterization(noise_scheduler)
         self._pipe = pipe
+
+    def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return _tokenize(tokenizer, self.prepare_prompts(prompts), self.device)
 
     def encode_images(self, pixel_values, generator=None):
         vae = self.vae
@@ -53,7 +73,7 @@ class StableDiffusionBackbone(_UNetBackbone):
         self.pd_projection = pd_projection
 
     def encode_prompts(self, prompts):
-        ids = _tokenize(self.tokenizers[0], prompts, self.device)
+        ids = self._ids(self.tokenizers[0], prompts)
         return Conditioning(embeds=self.text_encoders[0](ids)[0])
 
     def predict(self, noisy, timesteps, cond):
@@ -61,8 +81,8 @@ class StableDiffusionBackbone(_UNetBackbone):
 
     def projected_text_features(self, prompts):
         tokenizer, encoder = self.tokenizers[0], self.text_encoders[0]
-        ids = _tokenize(tokenizer, prompts, self.device)
-        pooled = encoder(ids).pooler_output
+        ids = self._ids(tokenizer, prompts)
+        pooled = _eos_pooled(encoder(ids).last_hidden_state, ids, tokenizer)
         # SD's text tower is CLIP's; its projection is not shipped with SD, so take it from accord.pd_clip.
         return pooled if self.pd_projection is None else self.pd_projection(pooled.to(self.pd_projection.weight.dtype))
 
@@ -86,7 +106,7 @@ class StableDiffusionXLBackbone(_UNetBackbone):
     def encode_prompts(self, prompts):
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = _tokenize(tokenizer, prompts, self.device)
+            ids = self._ids(tokenizer, prompts)
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             if hasattr(out, "text_embeds"):
@@ -101,5 +121,7 @@ class StableDiffusionXLBackbone(_UNetBackbone):
         )[0]
 
     def projected_text_features(self, prompts):
-        ids = _tokenize(self.tokenizers[1], prompts, self.device)
-        return self.text_encoders[1](ids).text_embeds
+        tokenizer, encoder = self.tokenizers[1], self.text_encoders[1]
+        ids = self._ids(tokenizer, prompts)
+        pooled = _eos_pooled(encoder(ids).last_hidden_state, ids, tokenizer)
+        return _unwrap(encoder).text_projection(pooled)

@@ -54,6 +54,11 @@ class Method:
     def setup(self) -> None:
         for module in self.backbone.frozen_modules():
             module.requires_grad_(False)
+        self.backbone.prompt_transform = self.transform_prompt
+
+    def transform_prompt(self, prompt: str) -> str:
+        """Rewrite a prompt before tokenization (the backbone applies it to every prompt it encodes)."""
+        return prompt
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         """Modules holding trainable parameters (wrapped by accelerate for DDP)."""

@@ -1,0 +1,140 @@
+"""Custom Diffusion (Kumari et al., 2023): cross-attention key/value projections + a modifier token.
+
+Each cross-attention layer gets diffusers' ``CustomDiffusionAttnProcessor2_0`` holding trainable
+copies of its ``to_k``/``to_v`` (and ``to_q``/``to_out`` with ``method.train_q_out``); the original
+projections stay frozen. The modifier token (``method.modifier_token``, default ``<new1>``) is a new
+embedding row trained like textual inversion, so PDLoss applies. The paper's baselines train with
+the class-prior loss (``data.with_prior_preservation``). Adapted from diffusers'
+``examples/custom_diffusion/train_custom_diffusion.py`` (processor set-up and output format).
+
+Outputs: ``pytorch_custom_diffusion_weights.safetensors`` (``unet.save_attn_procs``) and
+``<new1>.safetensors`` (the token embedding, textual-inversion format; SDXL: ``clip_l``/``clip_g``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import Method, load_named_state, named_trainable_state, register
+from .textual_inversion import LearnedTokens, load_embedding_file
+
+CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
+
+
+def _attention(unet, processor_name: str):
+    module = unet
+    for part in processor_name.split(".")[:-1]:  # "...attn2.processor" -> the Attention module
+        module = getattr(module, part)
+    return module
+
+
+def custom_diffusion_processors(unet, train_q_out: bool) -> dict:
+    """One processor per attention layer: trainable k/v(/q/out) copies on cross-attention, pass-through elsewhere."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    procs = {}
+    for name in unet.attn_processors:
+        attn = _attention(unet, name)
+        if not attn.is_cross_attention:
+            procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
+            continue
+        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=train_q_out, hidden_size=attn.to_k.out_features,
+                                               cross_attention_dim=attn.to_k.in_features,
+                                               out_bias=attn.to_out[0].bias is not None)
+        weights = {"to_k_custom_diffusion.weight": attn.to_k.weight, "to_v_custom_diffusion.weight": attn.to_v.weight}
+        if train_q_out:
+            weights["to_q_custom_diffusion.weight"] = attn.to_q.weight
+            weights["to_out_custom_diffusion.0.weight"] = attn.to_out[0].weight
+            if attn.to_out[0].bias is not None:
+                weights["to_out_custom_diffusion.0.bias"] = attn.to_out[0].bias
+        proc.load_state_dict({k: v.detach().clone() for k, v in weights.items()})
+        procs[name] = proc.to(attn.to_k.weight.device, attn.to_k.weight.dtype)
+    return procs
+
+
+def load_custom_diffusion_weights(unet, path: Path) -> None:
+    """Put the processors of a ``save_attn_procs`` file into ``unet``.
+
+    diffusers 0.42's ``unet.load_attn_procs(folder, weight_name=...)`` builds these processors but
+    sets them only when called with its private ``_pipeline`` argument, and the self-attention
+    entries that ``save_attn_procs`` drops from safetensors files make that call fail on the
+    processor count. So the processors are built by diffusers' own ``_process_custom_diffusion``
+    and the self-attention layers are completed with pass-through ones here.
+    """
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+    from safetensors.torch import load_file
+
+    from ..errors import ModelLoadError
+
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found; point at the output folder of a finished custom_diffusion run")
+    loaded = unet._process_custom_diffusion(state_dict=load_file(str(path)))
+    procs = {name: loaded.pop(name, None) or CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
+             for name in unet.attn_processors}
+    if loaded:
+        raise ModelLoadError(f"{path} holds processors for layers this UNet lacks ({sorted(loaded)[0]}, …); "
+                             "load it into the base model it was trained from")
+    for proc in procs.values():
+        proc.to(unet.device, unet.dtype)
+    unet.set_attn_processor(procs)
+
+
+@register
+class CustomDiffusion(Method):
+    name = "custom_diffusion"
+    learns_personal_embedding = True
+    trains_text = True
+    prior_preservation_default = True
+
+    def setup(self) -> None:
+        super().setup()
+        m = self.config.method
+        self.token = m.modifier_token
+        self.learned = LearnedTokens(self.backbone, [self.token], m.initializer_token or self.config.data.class_noun)
+        unet = self.backbone.denoiser
+        procs = custom_diffusion_processors(unet, m.train_q_out)
+        unet.set_attn_processor(dict(procs))  # (set_attn_processor empties the dict it is given)
+        for proc in procs.values():
+            proc.requires_grad_(True)  # the rest of the UNet was frozen by super().setup()
+
+    def trainable_modules(self):
+        return [self.backbone.denoiser, *self.backbone.text_encoders]
+
+    def _unet(self):
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(self.backbone.denoiser)
+
+    def after_optimizer_step(self) -> None:
+        self.learned.restore_frozen_rows()
+
+    def trainable_state(self):
+        return {**named_trainable_state(self._unet(), "unet"), **self.learned.state("tokens")}
+
+    def load_trainable_state(self, state):
+        load_named_state(self._unet(), "unet", {k: v for k, v in state.items() if k.startswith("unet.")})
+        self.learned.load_state("tokens", state)
+
+    def save(self, output_dir: Path) -> list[Path]:
+        output_dir = Path(output_dir)
+        self._unet().save_attn_procs(str(output_dir), weight_name=CD_FILE, safe_serialization=True)
+        token_file = self.learned.save(output_dir / f"{self.token}.safetensors", self.token, self.backbone.family)
+        return [output_dir / CD_FILE, token_file]
+
+    @staticmethod
+    def load_into(pipeline, output_dir: Path) -> None:
+        """Attention processors from ``pytorch_custom_diffusion_weights.safetensors`` (see
+        :func:`load_custom_diffusion_weights` for why not plain ``unet.load_attn_procs``) and the
+        modifier token from its ``<token>.safetensors`` file (SD: ``pipe.load_textual_inversion(OUT,
+        weight_name="<new1>.safetensors")``; SDXL: one call per text encoder)."""
+        from ..errors import ModelLoadError
+
+        output_dir = Path(output_dir)
+        load_custom_diffusion_weights(pipeline.unet, output_dir / CD_FILE)
+        token_files = [p for p in output_dir.glob("*.safetensors") if p.name != CD_FILE and p.name.startswith("<")]
+        if len(token_files) != 1:
+            raise ModelLoadError(f"{output_dir}: expected one modifier-token file like '<new1>.safetensors' next to {CD_FILE}, "
+                                 f"found {len(token_files)}")
+        load_embedding_file(pipeline, token_files[0])

@@ -1,0 +1,60 @@
+"""DreamBooth (Ruiz et al., 2023): fine-tune the whole UNet (and optionally the text encoders).
+
+The class-prior loss is on with ``data.with_prior_preservation`` (the loop adds the class batches).
+Output: the full pipeline, ``save_pretrained`` with safetensors, at the top of the output folder, so
+``StableDiffusionPipeline.from_pretrained(OUT)`` (or ``StableDiffusionXLPipeline``) loads it; the
+``checkpoints/``, ``logs/`` and ``config.yaml`` beside it are ignored by diffusers. Components the run
+did not train are written as they were held in training (in the ``train.mixed_precision`` dtype).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Method, load_named_state, named_trainable_state, register
+
+
+@register
+class DreamBooth(Method):
+    name = "dreambooth"
+    prior_preservation_default = True
+
+    def setup(self) -> None:
+        super().setup()
+        self.trains_text = bool(self.config.method.train_text_encoder)
+        for module in self.trainable_modules():
+            module.requires_grad_(True)
+
+    def trainable_modules(self):
+        return [self.backbone.denoiser, *(self.backbone.text_encoders if self.trains_text else [])]
+
+    def _unwrapped(self):
+        from accelerate.utils import extract_model_from_parallel
+
+        return [extract_model_from_parallel(m) for m in self.trainable_modules()]
+
+    def trainable_state(self):
+        state = {}
+        for i, module in enumerate(self._unwrapped()):
+            state.update(named_trainable_state(module, f"m{i}"))
+        return state
+
+    def load_trainable_state(self, state):
+        for i, module in enumerate(self._unwrapped()):
+            load_named_state(module, f"m{i}", state)
+
+    def save(self, output_dir: Path) -> list[Path]:
+        output_dir = Path(output_dir)
+        self.backbone.pipeline().save_pretrained(str(output_dir), safe_serialization=True)
+        return [output_dir / "model_index.json"]
+
+    @staticmethod
+    def load_into(pipeline, output_dir: Path) -> None:
+        """Replace the base pipeline's trained components by the ones saved in ``output_dir`` (usually
+        simpler: ``PipelineClass.from_pretrained(OUT)``, which :func:`accord.inference.load_trained` does)."""
+        output_dir = Path(output_dir)
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            current = getattr(pipeline, name, None)
+            if current is not None and (output_dir / name).is_dir():
+                loaded = type(current).from_pretrained(str(output_dir), subfolder=name, torch_dtype=current.dtype)
+                setattr(pipeline, name, loaded.to(current.device))
