@@ -7,6 +7,8 @@ exactly (bitwise on the CPU).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -300,7 +302,10 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
 
     t = config.train
     out = Path(t.output_dir)
+    # Without an accelerator device, cpu=True lets torchrun / `accelerate launch --multi_gpu` start CPU DDP (gloo).
+    no_device = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(
+        cpu=no_device,
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=1,  # accumulation is explicit below (micro-batches are ours)
         log_with=None if t.report_to == "none" else t.report_to,
@@ -411,11 +416,28 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
                                 config_dict=config_dict, extra={"nonfinite": nonfinite}, keep=t.checkpoints_total_limit)
     bar.close()
     accelerator.wait_for_everyone()
+    # Replicas must hold identical weights after DDP training; check it instead of assuming it.
+    from accelerate.utils import gather_object
+
+    checksums = gather_object([_checksum(method.trainable_state())])
+    if len(set(checksums)) > 1:
+        logger.warning("processes ended with different weights: %s", checksums)
     if accelerator.is_main_process:
         written = method.save(out)
+        summary = {"steps": t.max_steps, "num_processes": world, "replica_checksums": checksums,
+                   "replicas_identical": len(set(checksums)) == 1, "outputs": [p.name for p in written]}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("wrote %s", ", ".join(str(p) for p in written))
     accelerator.end_training()
     return out
+
+
+def _checksum(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _inner(optimizer):

@@ -1,0 +1,233 @@
+"""The training loop: stock diffusers loads what it writes, resume repeats an uninterrupted run
+bit for bit, DDP replicas agree, 'lean' equals 'fast', and bad input gets one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from accord.config import config_to_dict
+from accord.errors import AccordError, ConfigError
+from trainkit import make_refs, tiny_config
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return tiny_model_dir("sd")
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    return make_refs(tmp_path_factory.mktemp("refs"))
+
+
+def _write(config, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    return path
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "accord.cli", *map(str, args)], env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_lora_run_loads_into_stock_pipeline(model, refs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from accord.train import train
+
+    out = train(tiny_config(model, refs, tmp_path / "run"), progress=False)
+    assert json.loads((out / "train_summary.json").read_text())["replicas_identical"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["accord"]["dd_weight"] == 0.2 and saved["train"]["max_steps"] == 3
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    base = pipe("a sks backpack", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    tuned = pipe("a sks backpack", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert tuned.shape == (1, 32, 32, 3)
+    assert abs(tuned - base).max() > 0, "the trained LoRA should change the image"
+
+
+def test_resume_after_sigkill_is_bitwise_identical(model, refs, tmp_path):
+    steps = 10
+    common = dict(train={"max_steps": steps, "checkpoint_every": 2, "checkpoints_total_limit": None, "batch_size": 2})
+    ref_cfg = _write(tiny_config(model, refs, tmp_path / "uninterrupted", **common), tmp_path / "a.yaml")
+    run = _cli("train", ref_cfg, "--no-progress")
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    cfg = _write(tiny_config(model, refs, tmp_path / "killed", **common), tmp_path / "b.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "accord.cli", "train", str(cfg), "--no-progress"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "killed" / "checkpoints" / "step-000002" / "state.json"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "train_summary.json").exists()
+
+    again = _cli("train", cfg, "--no-progress")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    resumed = _cli("train", cfg, "--resume", "latest", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    final = f"checkpoints/step-{steps:06d}"
+    a = load_file(str(tmp_path / "uninterrupted" / final / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "killed" / final / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    opt_a = load_file(str(tmp_path / "uninterrupted" / final / "optimizer.safetensors"))
+    opt_b = load_file(str(tmp_path / "killed" / final / "optimizer.safetensors"))
+    assert all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+
+
+def test_resume_refuses_a_different_config(model, refs, tmp_path):
+    from accord.train import train
+
+    train(tiny_config(model, refs, tmp_path / "run", train={"max_steps": 2, "checkpoint_every": 2}), progress=False)
+    changed = tiny_config(model, refs, tmp_path / "run", accord={"dd_weight": 0.3}, train={"max_steps": 4})
+    with pytest.raises(ConfigError, match="accord.dd_weight"):
+        train(changed, resume="latest", progress=False)
+
+
+def test_ddp_two_processes_end_identical(model, refs, tmp_path):
+    cfg = _write(tiny_config(model, refs, tmp_path / "ddp", train={"max_steps": 3, "batch_size": 1}), tmp_path / "d.yaml")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "accord.cli", "train", str(cfg), "--no-progress"], env=ENV,
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert len(summary["replica_checksums"]) == 2 and summary["replicas_identical"]
+
+
+def _grads(config, model_dir, refs_dir):
+    """Gradients of one micro-batch under the given config (fresh, seeded model)."""
+    from accelerate import Accelerator
+
+    from accord.backbones import load_backbone
+    from accord.methods import get_method
+    from accord.train import _Batches, _build_data, _TextCache, compute_step
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    backbone = load_backbone(config.model)
+    method = get_method("lora")(config, backbone)
+    method.setup()
+    _, dataset, _ = _build_data(config, accelerator, backbone)
+    batch = _Batches(dataset, 2, 0, 0, 1, 1).get(0, 0)
+    calls = []
+    backbone.denoiser.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    losses = compute_step(config, backbone, method, _TextCache(backbone, True), batch, None,
+                          torch.Generator().manual_seed(3), accelerator, "backpack")
+    if not losses.parts.get("lean_backward_done"):
+        losses.total.backward()
+    grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
+    return grads, losses, calls
+
+
+def test_lean_mode_gives_the_fast_mode_gradient(model, refs, tmp_path):
+    fast, lf, calls_fast = _grads(tiny_config(model, refs, tmp_path / "f", accord={"dd_weight": 0.3}), model, refs)
+    lean, ll, calls_lean = _grads(tiny_config(model, refs, tmp_path / "l", accord={"dd_weight": 0.3, "mode": "lean"}),
+                                  model, refs)
+    assert torch.allclose(lf.total, ll.total, rtol=1e-5)
+    assert calls_fast == [4, 4] and calls_lean == [6, 2, 2]  # batch 2: (2 joint + 2 personal), (2 general + 2 empty)
+    for name in fast:
+        assert torch.allclose(fast[name], lean[name], rtol=1e-4, atol=1e-7), name
+    assert any(g.abs().sum() > 0 for g in fast.values())
+
+
+def test_zero_dd_weight_skips_the_extra_passes(model, refs, tmp_path):
+    _, losses, calls = _grads(tiny_config(model, refs, tmp_path / "z", accord={"dd_weight": 0.0}), model, refs)
+    assert calls == [2] and "dd" not in losses.parts
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(model, refs, tmp_path):
+    from accord.train import train
+
+    config = tiny_config(model, refs, tmp_path / "nan", train={"max_steps": 8, "checkpoint_every": 1,
+                                                               "max_nonfinite_steps": 2, "max_grad_norm": 0.0})
+    good = {}
+
+    def poison(module, inputs, output):  # step 1 runs two forwards; from the 3rd on (step 2), NaN
+        good.setdefault("n", 0)
+        good["n"] += 1
+        return output if good["n"] <= 2 else (output[0] * float("nan"),) + tuple(output[1:])
+
+    from accord import train as train_module
+
+    original = train_module.load_backbone
+
+    def patched(*args, **kwargs):
+        backbone = original(*args, **kwargs)
+        backbone.denoiser.register_forward_hook(poison)
+        return backbone
+
+    train_module.load_backbone = patched
+    try:
+        with pytest.raises(AccordError, match="2 non-finite losses in a row at step 3.*step-000001"):
+            train(config, progress=False)
+    finally:
+        train_module.load_backbone = original
+    ckpt = tmp_path / "nan" / "checkpoints" / "step-000001"
+    state = load_file(str(ckpt / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.name=lorra", "method.name='lorra' is not allowed; choose one of"),
+        ("model.backbone=flux2", "model.backbone='flux2' is not allowed"),
+        ("model.prediction_type=eps", "model.prediction_type='eps' is not allowed"),
+        ("train.learning_rat=1", "unknown config key 'train.learning_rat' (did you mean 'learning_rate'?)"),
+        ("accord.dd_weight=-1", "accord.dd_weight=-1.0 is negative"),
+        ("train.batch_size=two", "train.batch_size='two' is not a valid int"),
+    ],
+)
+def test_bad_config_is_one_line(model, refs, tmp_path, override, message):
+    cfg = _write(tiny_config(model, refs, tmp_path / "x"), tmp_path / "c.yaml")
+    run = _cli("train", cfg, "--set", override)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
+
+
+def test_bad_data_is_one_line(model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nocap = tmp_path / "nocap"
+    make_refs(nocap, captions=["a backpack on a table", "1 sks backpack, girl"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "00.jpg").write_bytes(b"")
+    for folder, message in [(empty, "no images"), (nocap, "00.txt"), (tmp_path / "broken", "00.jpg")]:
+        cfg = _write(tiny_config(model, folder, tmp_path / "o"), tmp_path / "c.yaml")
+        run = _cli("train", cfg, "--no-progress")
+        assert run.returncode == 2, run.stderr[-1500:]
+        lines = [ln for ln in run.stderr.strip().splitlines() if ln.startswith("accord train:")]
+        assert len(lines) == 1 and message in lines[0], run.stderr[-1500:]
+        assert "Traceback" not in run.stderr
+
+
+def test_missing_model_offline_is_one_line(refs, tmp_path):
+    cfg = tiny_config(tmp_path / "nope", refs, tmp_path / "o")
+    cfg.model.pretrained = "some-user/not-downloaded-model"
+    run = _cli("train", _write(cfg, tmp_path / "c.yaml"), "--no-progress")
+    assert run.returncode == 2
+    assert "HF_HUB_OFFLINE" in run.stderr and "Traceback" not in run.stderr

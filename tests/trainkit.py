@@ -1,0 +1,35 @@
+"""Helpers shared by trainer tests: a captioned reference folder and a tiny-run config."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from accord.config import Config, config_from_dict
+
+DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
+
+CAPTIONS = ["1 sks backpack, girl, park", "1 sks backpack, girl, street", "1 sks backpack, table, kitchen", "1 sks backpack"]
+
+
+def make_refs(folder: Path, subject: str = "backpack", captions=CAPTIONS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, caption in enumerate(captions):
+        src = DREAMBENCH / subject / f"{i:02d}.jpg"
+        shutil.copy(src, folder / f"{i:02d}.jpg")
+        (folder / f"{i:02d}.txt").write_text(caption + "\n")
+    return folder
+
+
+def tiny_config(model: Path, refs: Path, out: Path, **sections) -> Config:
+    data = {
+        "model": {"pretrained": str(model)},
+        "data": {"instance_dir": str(refs), "class_noun": "backpack", "resolution": 32},
+        "method": {"name": "lora", "lora_rank": 4},
+        "accord": {"dd_weight": 0.2},
+        "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 2, "checkpoint_every": 0, "report_to": "none",
+                  "log_every": 1000, "learning_rate": 1e-3},
+    }
+    for name, values in sections.items():
+        data[name].update(values)
+    return config_from_dict(data).validate()
