@@ -125,7 +125,8 @@ def test_processes_split_the_missing_indices(tmp_path):
 
     def work(state):
         try:
-            results[state.process_index] = generate_class_images(FakePipeline, "a cat", folder, 6, accelerator=state, **GEN)
+            mine = generate_class_images(FakePipeline, "a cat", folder, 6, accelerator=state, **GEN)
+            results[state.process_index] = mine
         except Exception as e:  # pragma: no cover - surfaced below
             errors.append(e)
 

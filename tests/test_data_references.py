@@ -70,7 +70,8 @@ def test_sidecar_captions_and_one_warning_for_missing(folder):
     assert "c.webp" in msg and "d.bmp" in msg and "a sks backpack" in msg and "a.JPG" not in msg
     assert [it.path.name for it in items] == ["a.JPG", "b.png", "c.webp", "d.bmp"]
     a, b, c, _ = items
-    assert (a.caption, a.personal, a.general) == ("1 sks backpack, girl, park, sunset", "1 sks backpack", "girl, park, sunset")
+    assert a.caption == "1 sks backpack, girl, park, sunset"
+    assert (a.personal, a.general) == ("1 sks backpack", "girl, park, sunset")
     assert (b.personal, b.general) == ("a photo of SKS backpack", "")
     assert (c.caption, c.personal, c.general, c.mask_path) == ("a sks backpack", "a sks backpack", "", None)
     assert a.size == (48, 32)
@@ -118,7 +119,8 @@ def test_metadata_may_omit_caption_and_use_sidecar(folder):
     photo(folder / "00.png")
     photo(folder / "01.png")
     (folder / "00.txt").write_text("a sks cat, sofa")
-    write_metadata(folder, {"file_name": "00.png", "general": []}, {"file_name": "01.png", "caption": "a sks cat, sofa"})
+    write_metadata(folder, {"file_name": "00.png", "general": []}, 
+                   {"file_name": "01.png", "caption": "a sks cat, sofa"})
     items = scan_references(folder, "sks", "cat")
     assert [(it.personal, it.general) for it in items] == [("a sks cat", ""), ("a sks cat", "sofa")]
 
@@ -177,6 +179,8 @@ def test_missing_empty_and_not_a_folder(tmp_path):
         scan_references(tmp_path / "x.png", "sks", "dog")
     with pytest.raises(ConfigError, match="on_bad_image"):
         scan_references(tmp_path, "sks", "dog", on_bad_image="ignore")
+    with pytest.raises(ConfigError, match="trigger"):
+        scan_references(tmp_path, "two words", "dog")
 
 
 def test_bad_images_error_mode_names_each_file(folder):
@@ -272,7 +276,8 @@ def test_augmentations_are_deterministic_per_seed_epoch_index(noisy_items):
     cached, fresh = make(7), ReferenceDataset(noisy_items, 32, center_crop=False, random_flip=True, seed=7, cache=False)
     _samples(cached, epoch=0)
     for x, y in zip(_samples(cached, epoch=2), _samples(fresh, epoch=2)):
-        assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["pixel_values"], a[x["index"]]["pixel_values"])
+        assert torch.equal(x["pixel_values"], y["pixel_values"])
+        assert torch.equal(x["pixel_values"], a[x["index"]]["pixel_values"])
     assert len(cached._cache) == 4 and not fresh._cache
     # order of access does not matter
     ds = make(7)

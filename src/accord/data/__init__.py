@@ -2,7 +2,15 @@
 
 from .captions import default_caption, normalize_caption, split_caption
 from .class_images import ClassImages, class_image_path, generate_class_images
-from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, assign_bucket, load_mask, load_rgb, make_buckets, resize_and_crop
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    assign_bucket,
+    load_mask,
+    load_rgb,
+    make_buckets,
+    resize_and_crop,
+)
 from .references import (
     BucketBatchSampler,
     ReferenceDataset,

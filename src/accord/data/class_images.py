@@ -106,7 +106,7 @@ def generate_class_images(
     accelerator=None,
     progress: bool = True,
 ) -> list[Path]:
-    """Fill ``folder`` up to ``num_images`` images with samples of ``class_prompt``; return the files this process wrote.
+    """Fill ``folder`` up to ``num_images`` images of ``class_prompt``; return the files this process wrote.
 
     ``pipeline_factory()`` builds a diffusers pipeline and is called only if this process has
     images to make. With an ``accelerate.PartialState`` or ``Accelerator`` each process takes every

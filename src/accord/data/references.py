@@ -6,7 +6,8 @@ A reference folder holds images (``.jpg .jpeg .png .webp .bmp``, any case; names
 * ``.txt`` sidecars with the image's stem (``00.jpg`` → ``00.txt``), or
 * a ``metadata.jsonl`` with one JSON object per line::
 
-      {"file_name": "00.jpg", "caption": "a sks backpack, girl, park", "general": ["girl", "park"], "mask": "masks/00.png"}
+      {"file_name": "00.jpg", "caption": "a sks backpack, girl, park",
+       "general": ["girl", "park"], "mask": "masks/00.png"}
 
   ``file_name`` (relative to the folder) is required; ``caption``, ``general`` (an explicit ``c_g``:
   a string or a list of phrases) and ``mask`` (a path relative to the folder) are optional. Files
@@ -30,7 +31,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import ConfigError, DataError
-from .captions import default_caption, join_phrases, normalize_caption, split_caption, split_phrases
+from .captions import default_caption, join_phrases, normalize_caption, split_caption, split_phrases, trigger_pattern
 from .images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -72,7 +73,9 @@ class ReferenceItem:
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name (hidden files skipped)."""
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
@@ -115,7 +118,9 @@ def _read_metadata(folder: Path) -> dict[Path, _Meta]:
             raise DataError(f"{where}: expected a JSON object like {{\"file_name\": ..., \"caption\": ...}}")
         unknown = sorted(set(record) - set(_METADATA_KEYS))
         if unknown:
-            raise DataError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys are {', '.join(_METADATA_KEYS)}")
+            raise DataError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys are {', '.join(_METADATA_KEYS)}"
+            )
         name = record.get("file_name")
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"{where}: missing \"file_name\"; name the image this line describes")
@@ -124,7 +129,8 @@ def _read_metadata(folder: Path) -> dict[Path, _Meta]:
             raise DataError(f"{where}: file_name {name!r} not found in {folder}; fix the name or add the image")
         path = path.resolve()
         if path in entries:
-            raise DataError(f"{where}: {name!r} is already described on line {entries[path].line}; keep one line per image")
+            first = entries[path].line
+            raise DataError(f"{where}: {name!r} is already described on line {first}; keep one line per image")
         entry = _Meta(line=n)
         caption = record.get("caption")
         if caption is not None:
@@ -173,6 +179,7 @@ def scan_references(
     """
     if on_bad_image not in _BAD_IMAGE_MODES:
         raise ConfigError(f"on_bad_image={on_bad_image!r} is not one of {', '.join(map(repr, _BAD_IMAGE_MODES))}")
+    trigger_pattern(trigger)  # a bad trigger is a ConfigError before any image is decoded
     folder = _check_folder(folder)
     meta = _read_metadata(folder)
     masks = {e.mask for e in meta.values() if e.mask is not None}
@@ -205,7 +212,9 @@ def scan_references(
         good.append((path, size))
     if skipped:
         warnings.warn(
-            f"skipped {len(skipped)} bad reference image(s) in {folder}: " + "; ".join(skipped), UserWarning, stacklevel=2
+            f"skipped {len(skipped)} bad reference image(s) in {folder}: " + "; ".join(skipped),
+            UserWarning,
+            stacklevel=2,
         )
     if not good:
         raise DataError(f"reference folder {folder} has no usable images (all were skipped); fix or replace them")
@@ -394,7 +403,9 @@ def collate_references(batch: Sequence[dict]) -> dict:
         raise ValueError("collate_references got an empty batch")
     shapes = {tuple(s["pixel_values"].shape) for s in batch}
     if len(shapes) > 1:
-        raise ValueError(f"samples of different sizes {sorted(shapes)} in one batch; use BucketBatchSampler with buckets")
+        raise ValueError(
+            f"samples of different sizes {sorted(shapes)} in one batch; use BucketBatchSampler with buckets"
+        )
     out: dict = {}
     for key in batch[0]:
         values = [s[key] for s in batch]
@@ -413,7 +424,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     Takes ``dataset.target_sizes`` (or any list of sizes). Call :meth:`set_epoch` each epoch.
     """
 
-    def __init__(self, dataset_or_sizes, batch_size: int, *, shuffle: bool = True, drop_last: bool = False, seed: int = 0):
+    def __init__(
+        self, dataset_or_sizes, batch_size: int, *, shuffle: bool = True, drop_last: bool = False, seed: int = 0
+    ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
         sizes = getattr(dataset_or_sizes, "target_sizes", dataset_or_sizes)
