@@ -33,29 +33,54 @@ __all__ = ["train", "StepLosses"]
 
 
 class _Batches:
-    """Micro-batches by (step, micro, rank): epoch permutations seeded by (seed, epoch)."""
+    """Micro-batches by (step, micro, rank): epoch permutations seeded by (seed, epoch).
+
+    With aspect-ratio buckets, each micro-batch is one of ``BucketBatchSampler``'s same-size batches."""
 
     def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, accumulation: int):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world, self.accumulation = rank, world, accumulation
-        self._perm_epoch, self._perm = None, None
+        self._epochs: dict[int, list[list[int]]] = {}
+        self._bucketed = bool(getattr(dataset, "buckets", None))
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
-        return self._perm
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            if self._bucketed:
+                from .data.references import BucketBatchSampler
+
+                sampler = BucketBatchSampler(self.dataset, self.batch_size, seed=self.seed)
+                sampler.set_epoch(epoch)
+                self._epochs = {epoch: list(sampler)}
+            else:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epochs = {epoch: [[int(i)] for i in torch.randperm(len(self.dataset), generator=g)]}
+        return self._epochs[epoch]
+
+    def _indices(self, position: int, count: int) -> list[tuple[int, int]]:
+        """(epoch, dataset index) for ``count`` consecutive units starting at ``position``."""
+        out, epoch = [], 0
+        while count:
+            units = self._epoch_batches(epoch)
+            if position >= len(units):
+                position -= len(units)
+                epoch += 1
+                continue
+            out.append((epoch, units[position]))
+            position, count = position + 1, count - 1
+        return out
 
     def get(self, step: int, micro: int) -> dict:
         from .data.references import collate_references
 
-        n = len(self.dataset)
-        start = ((step * self.accumulation + micro) * self.world + self.rank) * self.batch_size
+        slot = (step * self.accumulation + micro) * self.world + self.rank
+        if self._bucketed:  # one same-size batch per slot
+            picks = self._indices(slot, 1)
+        else:  # batch_size single images per slot
+            picks = self._indices(slot * self.batch_size, self.batch_size)
         samples = []
-        for position in range(start, start + self.batch_size):
-            epoch, offset = divmod(position, n)
+        for epoch, unit in picks:
             self.dataset.set_epoch(epoch)
-            samples.append(self.dataset[int(self._order(epoch)[offset])])
+            samples.extend(self.dataset[i] for i in unit)
         return collate_references(samples)
 
 
