@@ -65,8 +65,9 @@ class PosteriorCoefficients:
 class Parameterization:
     """Read a diffusers scheduler's *training* grid once and answer per-timestep questions.
 
-    Tables are computed in float64 from the scheduler's config-derived arrays (``alphas_cumprod`` for
-    DDPM/DDIM, the unshifted-or-shifted training sigmas for flow matching), so inference-time calls to
+    Tables are computed in float64 from the scheduler's training arrays (``alphas_cumprod`` for
+    DDPM/DDIM; for flow matching the unshifted-or-shifted training sigmas of a fresh instance built from
+    the config, i.e. the very float32 grid the noise was drawn with), so inference-time calls to
     ``set_timesteps`` on the same scheduler do not change them.
     """
 
@@ -87,14 +88,18 @@ class Parameterization:
             # Grid index t has its previous point at t−1; index 0 has none.
             self._grid_t = np.arange(self.num_train_timesteps, dtype=np.float64)
             self._a, self._b = a, b
+            # Zero terminal SNR (ᾱ_T = 0) leaves x̂_0 = (x_t − b·ε̂)/a undefined for ε-models: refuse in
+            # coefficients() (Δ would be inf and poison training) but keep add_noise/training_target usable.
+            self._x0_undefined = prediction_type == "epsilon" and bool(np.any(a == 0))
         elif name in _FLOW:
             self.kind = "flow"
-            n = self.num_train_timesteps
-            sigmas = np.linspace(1, n, n, dtype=np.float64) / n  # ascending: 1/n … 1
-            if not config.use_dynamic_shifting and config.shift != 1.0:
-                shift = float(config.shift)
-                sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-            self._sigmas = sigmas
+            # The training sigmas exactly as the model was noised with them: a fresh instance's float32
+            # grid (shifted unless use_dynamic_shifting), untouched by set_timesteps. Recomputing them in
+            # float64 instead misses that grid by ~1e-7, which the step variance σ²_{t|s} (a difference of
+            # neighbours ~3e-4 apart at shift 3) amplifies to ~2e-4 relative error in Δ.
+            fresh = type(scheduler).from_config(config)
+            self._sigmas = np.sort(fresh.sigmas.double().cpu().numpy())  # ascending: smallest … 1
+            self._x0_undefined = False
         else:
             raise UnsupportedSchedulerError(f"scheduler class {name} is not supported; accord supports {SUPPORTED}.")
 
@@ -103,7 +108,15 @@ class Parameterization:
         """Return ``a_t, b_t, a_s, b_s, weight, valid`` as float64 numpy arrays."""
         t = timesteps.detach().double().cpu().reshape(-1).numpy()
         if self.kind == "flow":
-            sigma_t = t / self.num_train_timesteps
+            n = self.num_train_timesteps
+            if not np.all(np.isfinite(t)) or np.any((t < 0) | (t > n * (1 + 1e-6))):
+                raise ValueError(f"flow-matching timesteps must be sigma·{n}, sigma in [0, 1]; got {t.tolist()[:8]}")
+            sigma_t = t / n
+            # A timestep from scheduler.timesteps is a float32 copy of a grid sigma·n: use that grid sigma.
+            grid = self._sigmas
+            near = np.clip(np.searchsorted(grid, sigma_t), 1, len(grid) - 1)
+            near = np.where(np.abs(grid[near - 1] - sigma_t) < np.abs(grid[near] - sigma_t), near - 1, near)
+            sigma_t = np.where(np.abs(grid[near] - sigma_t) <= 1e-6 * sigma_t, grid[near], sigma_t)
             # Previous point: the largest training sigma strictly below sigma_t (tolerant to float noise).
             idx = np.searchsorted(self._sigmas, sigma_t * (1 - 1e-6), side="left") - 1
             valid = idx >= 0
@@ -119,6 +132,12 @@ class Parameterization:
         return self._a[ti], self._b[ti], self._a[si], self._b[si], ti / self.num_train_timesteps, valid
 
     def coefficients(self, timesteps: torch.Tensor, dtype=torch.float32, device=None) -> PosteriorCoefficients:
+        if self._x0_undefined:
+            raise UnsupportedSchedulerError(
+                "prediction_type='epsilon' cannot give x̂_0 where ᾱ_t = 0, and this schedule has zero terminal SNR "
+                "(rescale_betas_zero_snr=True); use prediction_type='v_prediction' (what zero-SNR training needs) "
+                "or a schedule with ᾱ_T > 0."
+            )
         a_t, b_t, a_s, b_s, weight, valid = self._levels(timesteps)
         with np.errstate(divide="ignore", invalid="ignore"):
             alpha_ts = a_t / a_s
