@@ -276,7 +276,11 @@ def config_to_dict(config: Config) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
-    data = {k: dict(v or {}) for k, v in (data or {}).items()}
+    data = dict(data or {})
+    for name, section in data.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys, got {type(section).__name__}")
+        data[name] = dict(section or {})
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not of the form section.key=value")
