@@ -17,6 +17,7 @@ TRIGGERS = {"lora": "sks", "dreambooth": "sks", "textual_inversion": "<s*>", "cu
 #: per (method, kind): extra overrides; the SD and SDXL rows cover different options of a method
 EXTRA = {
     ("dreambooth", "sd"): ["data.with_prior_preservation=true", "data.num_class_images=1"],
+    ("dreambooth", "sdxl"): ["method.train_text_encoder=true"],
     ("textual_inversion", "sd"): ["method.num_vectors=2"],
     ("custom_diffusion", "sd"): ["data.with_prior_preservation=true", "data.num_class_images=1"],
     ("custom_diffusion", "sdxl"): ["method.train_q_out=true"],
@@ -165,6 +166,28 @@ def test_textual_inversion_changes_only_the_new_rows(trained, kind):
     if kind == "sd":
         assert method.learned.tokens == ["<s*>", "<s*>_1"]
         assert method.transform_prompt("1 <s*> backpack, girl") == "1 <s*> <s*>_1 backpack, girl"
+
+
+def test_pd_features_pool_at_end_of_text_with_learned_tokens(trained):
+    """PDLoss's f_p is CLIP's end-of-text feature even when the learned token's id is the largest one
+    (transformers pools at argmax(input_ids) for configs with eos_token_id=2, as SD 1.x ships)."""
+    _, method, _ = trained("textual_inversion", "sd")
+    backbone = method.backbone
+    encoder, tokenizer = backbone.text_encoders[0], backbone.tokenizers[0]
+    # transformers copies config.eos_token_id into the text transformer module at init
+    legacy = next(m for m in encoder.modules() if isinstance(getattr(m, "eos_token_id", None), int))
+    legacy.eos_token_id = 2  # the legacy setting of SD 1.x's text encoder config
+    try:
+        with torch.no_grad():
+            features = backbone.projected_text_features(["1 <s*> backpack"])
+            ids = tokenizer(backbone.prepare_prompts(["1 <s*> backpack"]), padding="max_length", return_tensors="pt").input_ids
+            hidden = encoder(ids).last_hidden_state
+        stock_pooled = encoder(ids).pooler_output
+    finally:
+        legacy.eos_token_id = tokenizer.eos_token_id
+    eos = int((ids[0] == tokenizer.eos_token_id).nonzero()[0])
+    assert ids[0].argmax() != eos and not torch.allclose(stock_pooled[0], hidden[0, eos])  # the pitfall is real here
+    torch.testing.assert_close(features[0], hidden[0, eos])
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
