@@ -348,37 +348,61 @@ def measure(bench: Bench, variants, warmup: int, steps: int, rounds: int, log=pr
     cuda = device.type == "cuda"
     times = {v: [] for v in variants}
     peaks = {v: 0 for v in variants}
+    oom: set[str] = set()
+
+    def guarded(v, fn):
+        """Run fn; a CUDA out-of-memory error marks the variant OOM (reported, not fatal) instead of ending the run."""
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            oom.add(v)
+            bench.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            log(f"  {v}: CUDA out of memory; reported as OOM")
+            return None
+
     for v in variants:  # warm-up (allocator, autocast caches, optimizer state, text cache)
-        for _ in range(warmup):
-            bench.step(v)
+        guarded(v, lambda: [bench.step(v) for _ in range(warmup)])
     _sync(device)
     for r in range(rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternate who runs first
         for v in order:
+            if v in oom:
+                continue
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(steps):
-                _sync(device)
-                t0 = time.perf_counter()
-                loss = bench.step(v)
-                _sync(device)
-                times[v].append(time.perf_counter() - t0)
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"{v}: non-finite loss {loss}")
-            if cuda:
-                peaks[v] = max(peaks[v], torch.cuda.max_memory_allocated(device))
-        log(f"  round {r + 1}/{rounds}: " + "  ".join(f"{v} {1000 * statistics.median(times[v]):.1f} ms" for v in variants))
+
+            def block():
+                for _ in range(steps):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    loss = bench.step(v)
+                    _sync(device)
+                    times[v].append(time.perf_counter() - t0)
+                    if not math.isfinite(loss):
+                        raise RuntimeError(f"{v}: non-finite loss {loss}")
+                if cuda:
+                    peaks[v] = max(peaks[v], torch.cuda.max_memory_allocated(device))
+
+            guarded(v, block)
+        log(f"  round {r + 1}/{rounds}: " + "  ".join(
+            f"{v} {1000 * statistics.median(times[v]):.1f} ms" if times[v] and v not in oom else f"{v} OOM" for v in variants))
     base = "off" if "off" in variants else variants[0]
+    nan = float("nan")
+    ok = lambda v: bool(times[v]) and v not in oom  # noqa: E731
+    base_ms = 1000 * statistics.median(times[base]) if ok(base) else nan
     rows = []
     for v in variants:
-        ms = 1000 * statistics.median(times[v])
-        row = {"case": bench.case.name, "variant": v, "label": LABELS[v], "ms": ms,
-               "ms_min": 1000 * min(times[v]), "ms_max": 1000 * max(times[v]), "samples": len(times[v]),
-               "time_ratio": ms / (1000 * statistics.median(times[base])),
-               "peak_bytes": peaks[v] if cuda else None,
-               "mem_ratio": peaks[v] / peaks[base] if cuda and peaks[base] else None,
+        ms = 1000 * statistics.median(times[v]) if ok(v) else nan
+        row = {"case": bench.case.name, "variant": v, "label": LABELS[v] + (" [OOM]" if v in oom else ""), "ms": ms,
+               "ms_min": 1000 * min(times[v]) if ok(v) else nan, "ms_max": 1000 * max(times[v]) if ok(v) else nan,
+               "samples": len(times[v]) if ok(v) else 0,
+               "time_ratio": ms / base_ms,
+               "peak_bytes": (peaks[v] if ok(v) else nan) if cuda else None,
+               "mem_ratio": (peaks[v] / peaks[base] if ok(v) and ok(base) and peaks[base] else nan) if cuda else None,
                "trainable_params": bench.trainable}
         rows.append(row)
     return rows
@@ -438,7 +462,7 @@ def append_results(path: Path, rows: list[dict], device: torch.device, settings:
     import diffusers
 
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lines = [f"\n## {stamp} — {device_card(device)}\n",
+    lines = [f"\n## {stamp} — {device_card(device)}\n\n",
              f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}; "
              f"{settings}"]
     if load is not None:
@@ -502,6 +526,7 @@ def main(argv=None, cases: list[Case] | None = None) -> dict:
         log(f"  built in {time.perf_counter() - t0:.1f}s, {bench.trainable / 1e6:.2f} M trainable parameters")
         rows += measure(bench, variants, warmup, steps, rounds, log=log)
         del bench
+        accelerator.free_memory()  # the accelerator holds the prepared model and optimizer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
