@@ -231,3 +231,27 @@ def test_missing_model_offline_is_one_line(refs, tmp_path):
     run = _cli("train", _write(cfg, tmp_path / "c.yaml"), "--no-progress")
     assert run.returncode == 2
     assert "HF_HUB_OFFLINE" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_loop_options_run_together(model, refs, tmp_path):
+    """Accumulation, logit-normal timesteps, min-SNR, noise offset, checkpointing, bf16 autocast,
+    cached latents, validation grids and TensorBoard logs in one short run."""
+    from accord.train import train
+
+    config = tiny_config(model, refs, tmp_path / "opts", train={
+        "max_steps": 2, "batch_size": 1, "gradient_accumulation_steps": 2, "timestep_sampling": "logit_normal",
+        "snr_gamma": 5.0, "noise_offset": 0.05, "gradient_checkpointing": True, "mixed_precision": "bf16",
+        "cache_latents": True, "validation_every": 2, "validation_prompts": ["a {trigger} {class_noun}"],
+        "validation_steps": 2, "report_to": "tensorboard", "lr_scheduler": "cosine", "lr_warmup_steps": 1})
+    out = train(config, progress=False)
+    assert (out / "samples" / "step-000002.png").is_file()
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, "TensorBoard event file expected"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("loss", "diffusion", "dd", "dependence_shift", "lr"):
+        assert tag in tags, tags
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoints/step-000002/trainable.safetensors")).values())

@@ -140,6 +140,26 @@ class _TextCache:
         return Conditioning.cat([self.store[p] for p in prompts])
 
 
+class _LatentCache:
+    """VAE posteriors (mean, std) of fixed-crop images, encoded once; a fresh sample is drawn each step."""
+
+    def __init__(self, backbone, enabled: bool):
+        self.backbone, self.enabled, self.store = backbone, enabled, {}
+
+    def __call__(self, pixels: torch.Tensor, keys: list, generator) -> torch.Tensor:
+        with torch.no_grad():
+            if not self.enabled:
+                return self.backbone.encode_images(pixels.to(self.backbone.device), generator=generator)
+            missing = [i for i, k in enumerate(keys) if k not in self.store]
+            if missing:
+                mean, std = self.backbone.latent_distribution(pixels[missing].to(self.backbone.device))
+                for j, i in enumerate(missing):
+                    self.store[keys[i]] = (mean[j : j + 1], std[j : j + 1])
+            mean = torch.cat([self.store[k][0] for k in keys])
+            std = torch.cat([self.store[k][1] for k in keys])
+            return self.backbone.latents_from(mean, std, generator=generator)
+
+
 def _sample_timesteps(config: Config, backbone, n: int, generator: torch.Generator) -> torch.Tensor:
     num = backbone.noise_scheduler.config.num_train_timesteps
     if config.train.timestep_sampling == "uniform":
@@ -167,19 +187,22 @@ def _diffusion_loss(config: Config, backbone, pred, target, timesteps) -> torch.
 
 
 def compute_step(config: Config, backbone, method, text, batch: dict, class_batch: dict | None, generator,
-                 accelerator, superclass: str) -> StepLosses:
+                 accelerator, superclass: str, latent_cache=None) -> StepLosses:
     """Losses of one micro-batch; in ``lean`` mode this also runs the backward passes it needs."""
     acc = config.accord
     device = backbone.device
     param = backbone.parameterization
+    latent_cache = latent_cache or _LatentCache(backbone, enabled=False)
     n_inst = len(batch["caption"])
     captions, personal, general = list(batch["caption"]), list(batch["personal"]), list(batch["general"])
     pixels = batch["pixel_values"]
     if class_batch is not None:
         pixels = torch.cat([pixels, class_batch["pixel_values"]])
         captions += list(class_batch["caption"])
-    with torch.no_grad():
-        latents = backbone.encode_images(pixels.to(device), generator=generator).float()
+    keys = [("instance", int(i)) for i in batch["index"]]
+    if class_batch is not None:
+        keys += [("class", int(i)) for i in class_batch["index"]]
+    latents = latent_cache(pixels, keys, generator).float()
     noise = torch.randn(latents.shape, generator=generator).to(device)
     if config.train.noise_offset:
         noise = noise + config.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
@@ -327,6 +350,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
 
     t = config.train
     out = Path(t.output_dir)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a second train() in one process may use another precision (notebooks, tests)
     # Without an accelerator device, cpu=True lets torchrun / `accelerate launch --multi_gpu` start CPU DDP (gloo).
     no_device = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(
@@ -382,6 +408,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
     class_batches = (_Batches(class_set, t.batch_size, t.seed + 1, rank, world, t.gradient_accumulation_steps)
                      if class_set is not None else None)
     text = _TextCache(backbone, enabled=not method.trains_text)
+    latent_cache = _LatentCache(backbone, enabled=t.cache_latents)
     bar = tqdm(total=t.max_steps, initial=start_step, desc="accord train", disable=not (progress and accelerator.is_main_process))
     last_log = time.time()
     for step in range(start_step, t.max_steps):
@@ -393,7 +420,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
             class_batch = class_batches.get(step, micro) if class_batches else None
             with accelerator.autocast():
                 losses = compute_step(config, backbone, method, text, batch, class_batch, generator, accelerator,
-                                      config.data.class_noun)
+                                      config.data.class_noun, latent_cache)
             finite = torch.isfinite(losses.total).float()
             finite = accelerator.reduce(finite.to(accelerator.device), reduction="sum")
             if finite.item() < world:  # every rank skips together, so replicas stay identical

@@ -29,7 +29,8 @@ def write_validation_grid(config, backbone, path: Path, accelerator=None, images
     prompts = [fill_prompt(p, config) for p in t.validation_prompts] or [f"a {config.data.trigger} {config.data.class_noun}"]
     pipe = backbone.pipeline()
     images = []
-    with torch.no_grad():
+    autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), autocast:
         for i, prompt in enumerate(prompts):
             gen = torch.Generator().manual_seed(t.seed + i)
             out = pipe(prompt, num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,

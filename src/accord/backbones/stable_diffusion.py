@@ -46,12 +46,19 @@ class _UNetBackbone(Backbone):
     def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         return _tokenize(tokenizer, self.prepare_prompts(prompts), self.device)
 
+    def latent_distribution(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the VAE posterior (what latent caching stores)."""
+        dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def latents_from(self, mean, std, generator=None) -> torch.Tensor:
+        """Sample the posterior like ``DiagonalGaussianDistribution.sample`` and apply the VAE's scaling."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (mean + std * noise - shift) * self.vae.config.scaling_factor
+
     def encode_images(self, pixel_values, generator=None):
-        vae = self.vae
-        dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        return self.latents_from(*self.latent_distribution(pixel_values), generator=generator)
 
     def pipeline(self):
         return self._pipe
