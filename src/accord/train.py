@@ -160,17 +160,6 @@ class _LatentCache:
             return self.backbone.latents_from(mean, std, generator=generator)
 
 
-def _sample_timesteps(config: Config, backbone, n: int, generator: torch.Generator) -> torch.Tensor:
-    num = backbone.noise_scheduler.config.num_train_timesteps
-    if config.train.timestep_sampling == "uniform":
-        return torch.randint(0, num, (n,), generator=generator)
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=config.train.logit_mean,
-                                              logit_std=config.train.logit_std, generator=generator)
-    return (u * num).long().clamp(0, num - 1)
-
-
 def _diffusion_loss(config: Config, backbone, pred, target, timesteps) -> torch.Tensor:
     """Per-sample MSE, min-SNR weighted if asked (diffusers' ``compute_snr``)."""
     per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
@@ -206,7 +195,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     noise = torch.randn(latents.shape, generator=generator).to(device)
     if config.train.noise_offset:
         noise = noise + config.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
-    timesteps = _sample_timesteps(config, backbone, latents.shape[0], generator).to(device)
+    timesteps = backbone.sample_timesteps(latents.shape[0], generator, config.train).to(device)
     noisy = param.add_noise(latents, noise, timesteps)
     target = param.training_target(latents, noise, timesteps)
 

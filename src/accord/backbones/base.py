@@ -79,6 +79,19 @@ class Backbone:
         """CLIP projection-space features of prompts (PDLoss), with gradient through learned tokens."""
         raise NotImplementedError
 
+    def sample_timesteps(self, n: int, generator: torch.Generator, train_cfg) -> torch.Tensor:
+        """Training timesteps as the model is fed them: integer DDPM indices here (uniform or
+        logit-normal, paper Tab. 12, via diffusers' ``compute_density_for_timestep_sampling``);
+        flow-matching backbones override this to return ``σ·num_train_timesteps``."""
+        num = self.noise_scheduler.config.num_train_timesteps
+        if train_cfg.timestep_sampling == "uniform":
+            return torch.randint(0, num, (n,), generator=generator)
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=train_cfg.logit_mean,
+                                                  logit_std=train_cfg.logit_std, generator=generator)
+        return (u * num).long().clamp(0, num - 1)
+
     # -- shared helpers ---------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
