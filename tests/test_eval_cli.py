@@ -174,3 +174,48 @@ def test_best_step_over_checkpoints(tmp_path, tiny_model_dir, dreambench, metric
     # the trigger came from config.yaml
     with (out / "checkpoints" / "step-100" / "manifest.csv").open() as f:
         assert next(csv.DictReader(f))["prompt"] == "a <s1> dog in the jungle"
+
+
+# ----------------------------------------------------------- trained outputs load through load_into
+
+
+def test_eval_and_best_step_on_a_custom_diffusion_run(tmp_path, tiny_model_dir, dreambench, metric_dirs):
+    """A real 2-step Custom Diffusion run (processors + modifier token, which only the method's own
+    ``load_into`` loads): eval's images differ from the base model's, and a checkpoint applied to the
+    base pipeline and unloaded again leaves the base model's images."""
+    import numpy as np
+    from PIL import Image
+
+    from accord.eval.pipelines import generate, load_adapters, load_pipeline, unload_adapters
+    from accord.train import train
+    from trainkit import make_refs, tiny_config
+
+    base = tiny_model_dir("sd")
+    out = tmp_path / "run"
+    train(tiny_config(base, make_refs(tmp_path / "refs", captions=["1 <new1> backpack, park"] * 2), out, method={"name": "custom_diffusion"},
+                      data={"trigger": "<new1>"}, train={"max_steps": 2, "batch_size": 1, "checkpoint_every": 1}),
+          progress=False)
+
+    def images(folder):
+        with (folder / "manifest.csv").open() as f:
+            return {r["file"]: np.asarray(Image.open(folder / r["file"]), dtype=np.int16) for r in csv.DictReader(f)}
+
+    common = ["--data", str(dreambench), "--subjects", "backpack", "--max-prompts", "1", *FAST, "--metrics", "clip_t",
+              *_model_flags(metric_dirs)]
+    assert _run(["--model", str(out), "--out", str(tmp_path / "trained"), *common]) == 0
+    assert _run(["--model", str(base), "--token", "<new1>", "--out", str(tmp_path / "base"), *common]) == 0
+    trained, stock = images(tmp_path / "trained" / "images"), images(tmp_path / "base" / "images")
+    assert trained.keys() == stock.keys()
+    assert all(np.abs(trained[k] - stock[k]).max() > 0 for k in trained)
+
+    # best-step's sweep: a checkpoint applied to the loaded base pipeline, then unloaded, leaves the base
+    pipe = load_pipeline(base)
+
+    def sample():
+        return np.asarray(generate(pipe, "a <new1> backpack", 1, 2, 7.5, 0, 32, 32)[0], dtype=np.int16)
+
+    before = sample()
+    method = load_adapters(pipe, out / "checkpoints" / "step-000001")
+    assert method.name == "custom_diffusion" and np.abs(sample() - before).max() > 0
+    assert unload_adapters(pipe, method)
+    np.testing.assert_array_equal(sample(), before)

@@ -1,11 +1,12 @@
 """Pick the best checkpoint of a training run on a validation prompt set (paper Appendix N:
 "we … display the results of the best-performing step").
 
-Each ``OUTPUT/checkpoints/step-*/`` holds the same adapter files as the final output. The base
-pipeline is loaded once; each checkpoint's adapters are loaded, its images generated and scored,
-then unloaded. A *criterion* is a metric name (its own direction: Gram-D lower is better, the rest
-higher) or a weighted sum maximised as written, e.g. ``0.5*clip_t+0.5*dino_i`` or
-``clip_t-0.001*gram_d``. Writes ``best_step.json``, ``best_step.csv`` and ``best_step.png``.
+Each ``OUTPUT/checkpoints/step-*/`` holds the same files as the final output. The base pipeline is
+loaded once; each checkpoint is applied with its method's ``load_into`` (:mod:`accord.inference`),
+its images generated and scored, then unloaded (``Method.unload_from``; where a method cannot, as
+DreamBooth, the base pipeline is loaded again for the next checkpoint). A *criterion* is a metric
+name (its own direction: Gram-D lower is better, the rest higher) or a weighted sum maximised as
+written, e.g. ``0.5*clip_t+0.5*dino_i`` or ``clip_t-0.001*gram_d``. Writes ``best_step.json``, ``best_step.csv`` and ``best_step.png``.
 """
 
 from __future__ import annotations
@@ -55,17 +56,17 @@ def parse_criterion(text: str) -> Criterion:
 
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every ``checkpoints/step-N`` holding adapter files, by step."""
-    from .pipelines import ADAPTER_FILES
+    """``(step, folder)`` of every ``checkpoints/step-N`` holding a method's output, by step."""
+    from ..inference import is_trained_output
 
     root = Path(run_dir) / "checkpoints"
     found = []
     for p in root.glob("step-*") if root.is_dir() else []:
         suffix = p.name[len("step-") :]
-        if p.is_dir() and suffix.isdigit() and any((p / f).is_file() for f in ADAPTER_FILES):
+        if p.is_dir() and suffix.isdigit() and is_trained_output(p):
             found.append((int(suffix), p))
     if not found:
-        raise DataError(f"{root}: no step-N checkpoint folders with adapter files; train with checkpoint_every > 0")
+        raise DataError(f"{root}: no step-N checkpoint folders with trained outputs; train with checkpoint_every > 0")
     return sorted(found)
 
 
@@ -103,21 +104,26 @@ def select_best_step(
     reference_masks: str | Path | None = None,
 ) -> dict:
     """Evaluate every checkpoint, write the curve and the choice, and return the choice."""
+    from ..inference import load_base, read_run_config
     from .harness import build_metrics, generate_rows, score_rows, summarize, write_csv
-    from .pipelines import base_model_of, load_adapters, load_pipeline, unload_adapters
+    from .pipelines import load_adapters, prepare, unload_adapters
 
     crit = criterion if isinstance(criterion, Criterion) else parse_criterion(criterion)
     names = list(dict.fromkeys([*metric_names, *crit.weights]))
     checkpoints = find_checkpoints(run_dir)
     metrics = build_metrics(names, settings)
-    pipe = load_pipeline(base_model or base_model_of(run_dir), device=device, dtype=dtype, scheduler=scheduler)
+    run_config = read_run_config(run_dir)
     out_dir = Path(out_dir)
     curve = []
+    pipe = None
     for step, folder in checkpoints:
-        loaded = load_adapters(pipe, folder)
+        if pipe is None:
+            pipe = prepare(load_base(run_dir, base_model=base_model, dtype=dtype), device, dtype, scheduler)
+        method = load_adapters(pipe, folder, run_config)
         images_dir = out_dir / "checkpoints" / f"step-{step}"
         rows = generate_rows(pipe, prompts, images_dir, **generation)
-        unload_adapters(pipe, loaded)
+        if not unload_adapters(pipe, method):
+            pipe = None
         for metric in metrics.values():
             metric.reset()
         score_rows(rows, images_dir, prompts, metrics, reference_masks)

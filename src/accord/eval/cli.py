@@ -83,7 +83,7 @@ def _token(args) -> str:
     if args.token:
         return args.token
     if args.model and Path(args.model).is_dir():
-        from .pipelines import read_run_config
+        from ..inference import read_run_config
 
         trigger = (read_run_config(args.model).get("data") or {}).get("trigger")
         if trigger:

@@ -3,9 +3,9 @@
 ``model`` may be:
 
 * a diffusers pipeline folder (``model_index.json``) or a hub id — ``DiffusionPipeline.from_pretrained``;
-* a trained output or checkpoint folder holding ``config.yaml`` and adapter files: its base model
-  (``model.pretrained`` in ``config.yaml``) is loaded, then ``pytorch_lora_weights.safetensors``
-  (``load_lora_weights``) and/or ``learned_embeds.safetensors`` (``load_textual_inversion``).
+* a trained output or checkpoint folder holding ``config.yaml`` and a method's output files: loaded
+  by :func:`accord.inference.load_trained` (its base model ``model.pretrained``, then the method's own
+  ``load_into``: LoRA, textual inversion, Custom Diffusion, DreamBooth; SD and SDXL).
 
 Sampling follows the paper (Appendix N): DDIM, 50 steps, guidance 7.5. DDPM-family schedulers are
 swapped with ``DDIMScheduler.from_config``; flow-matching models (FLUX, SD3) keep their own sampler,
@@ -18,44 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ConfigError
+from ..inference import apply_trained, load_base, load_trained, read_run_config, remove_trained
 
-__all__ = ["ADAPTER_FILES", "LORA_FILE", "TI_FILE", "generate", "load_adapters", "load_pipeline", "read_run_config", "set_scheduler"]
+__all__ = ["generate", "load_adapters", "load_pipeline", "prepare", "read_run_config", "set_scheduler", "unload_adapters"]
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-TI_FILE = "learned_embeds.safetensors"
-ADAPTER_FILES = (LORA_FILE, TI_FILE)
-CONFIG_FILE = "config.yaml"
 SCHEDULERS = ("ddim", "default")
-
-
-def read_run_config(folder: str | Path) -> dict:
-    """The resolved training config saved beside a trained output (``config.yaml``); {} when absent."""
-    import yaml
-
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix or remove it") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config sections")
-    return data
-
-
-def _has_adapters(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in ADAPTER_FILES)
-
-
-def base_model_of(folder: str | Path) -> str:
-    """``model.pretrained`` of the run's ``config.yaml``."""
-    config = read_run_config(folder)
-    base = (config.get("model") or {}).get("pretrained") if isinstance(config.get("model"), dict) else None
-    if not base:
-        raise ConfigError(f"{Path(folder) / CONFIG_FILE}: no model.pretrained; pass the base model with --base-model")
-    return str(base)
 
 
 def set_scheduler(pipe, scheduler: str = "ddim"):
@@ -69,31 +37,26 @@ def set_scheduler(pipe, scheduler: str = "ddim"):
     return pipe
 
 
-def load_adapters(pipe, adapter_dir: str | Path) -> list[str]:
-    """Load LoRA and/or textual-inversion files from ``adapter_dir`` into ``pipe``; returns what was loaded."""
-    adapter_dir = Path(adapter_dir)
-    loaded = []
-    try:
-        if (adapter_dir / LORA_FILE).is_file():
-            pipe.load_lora_weights(str(adapter_dir), weight_name=LORA_FILE)
-            loaded.append(LORA_FILE)
-        if (adapter_dir / TI_FILE).is_file():
-            pipe.load_textual_inversion(str(adapter_dir / TI_FILE))
-            loaded.append(TI_FILE)
-    except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise ModelLoadError(f"{adapter_dir}: cannot load adapter ({first}); was it trained on this base model?") from None
-    if not loaded:
-        raise ModelLoadError(f"{adapter_dir}: no {' or '.join(ADAPTER_FILES)} found; point at a trained output or checkpoint folder")
-    return loaded
+def prepare(pipe, device: str = "cpu", dtype: torch.dtype | None = None, scheduler: str = "ddim"):
+    """Eval's settings on a loaded pipeline: no safety checker (it blanks images, which would corrupt
+    the scores), the sampler (:func:`set_scheduler`), no progress bar, ``device``/``dtype``."""
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype) if dtype is not None else pipe.to(device)
 
 
-def unload_adapters(pipe, loaded: list[str]) -> None:
-    """Undo :func:`load_adapters` so the next checkpoint can be loaded into the same pipeline."""
-    if LORA_FILE in loaded:
-        pipe.unload_lora_weights()
-    if TI_FILE in loaded:
-        pipe.unload_textual_inversion()
+def load_adapters(pipe, adapter_dir: str | Path, config: dict | None = None):
+    """Apply the trained output in ``adapter_dir`` to ``pipe`` (:func:`accord.inference.apply_trained`;
+    ``config``: the run's, for a folder without its own ``config.yaml``); returns the method class,
+    for :func:`unload_adapters`."""
+    return apply_trained(pipe, adapter_dir, config)
+
+
+def unload_adapters(pipe, method) -> bool:
+    """Undo :func:`load_adapters`; ``False`` where the method cannot (load the base pipeline again)."""
+    return remove_trained(pipe, method)
 
 
 def load_pipeline(
@@ -104,32 +67,14 @@ def load_pipeline(
     base_model: str | None = None,
     scheduler: str = "ddim",
 ):
-    """A ready-to-sample diffusers pipeline for a pipeline folder, hub id or trained output folder."""
-    path = Path(model).expanduser()
-    if path.is_dir() and not (path / "model_index.json").is_file():
-        if not _has_adapters(path):
-            raise ModelLoadError(
-                f"{path}: neither a diffusers pipeline (model_index.json) nor a trained output ({' / '.join(ADAPTER_FILES)})"
-            )
-        adapter_dir = adapter_dir or path
-        model = base_model or base_model_of(path)
-    from diffusers import DiffusionPipeline
-
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(model), **kwargs)
-    except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise ModelLoadError(
-            f"cannot load pipeline {str(model)!r} ({first}); offline? pass a local diffusers folder (save_pretrained layout)"
-        ) from None
-    if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None  # it blanks images, which would corrupt the scores
-    set_scheduler(pipe, scheduler)
-    if adapter_dir is not None:
-        pipe.adapters_loaded = load_adapters(pipe, adapter_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    """A ready-to-sample pipeline for a pipeline folder, hub id or trained output folder; with
+    ``adapter_dir``, ``model`` is the base (a run folder or pipeline) and ``adapter_dir`` is applied."""
+    if adapter_dir is None:
+        pipe = load_trained(model, dtype=dtype, base_model=base_model)
+    else:
+        pipe = load_base(model, base_model=base_model, dtype=dtype)
+        load_adapters(pipe, adapter_dir, read_run_config(model) if Path(model).is_dir() else None)
+    return prepare(pipe, device, dtype, scheduler)
 
 
 @torch.no_grad()

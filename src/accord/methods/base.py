@@ -45,6 +45,8 @@ class Method:
     trains_text: bool = False
     #: the paper's baselines for this method use the class-prior loss.
     prior_preservation_default: bool = False
+    #: the file ``save`` writes that marks a folder as this method's output (found by ``accord.inference``).
+    output_file: str = ""
 
     def __init__(self, config, backbone):
         self.config = config
@@ -87,6 +89,11 @@ class Method:
     def load_into(pipeline, output_dir: Path) -> None:
         """Load this method's outputs from ``output_dir`` into a stock pipeline of the base model."""
         raise NotImplementedError
+
+    @staticmethod
+    def unload_from(pipeline) -> bool:
+        """Undo :meth:`load_into`, leaving the base model; ``False`` where the method cannot (reload it)."""
+        return False
 
 
 def named_trainable_state(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:

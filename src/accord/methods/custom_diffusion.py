@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .base import Method, load_named_state, named_trainable_state, register
-from .textual_inversion import LearnedTokens, load_embedding_file
+from .textual_inversion import LearnedTokens, load_embedding_file, unload_embeddings
 
 CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
 
@@ -84,6 +84,7 @@ def load_custom_diffusion_weights(unet, path: Path) -> None:
 @register
 class CustomDiffusion(Method):
     name = "custom_diffusion"
+    output_file = CD_FILE
     learns_personal_embedding = True
     trains_text = True
     prior_preservation_default = True
@@ -138,3 +139,12 @@ class CustomDiffusion(Method):
             raise ModelLoadError(f"{output_dir}: expected one modifier-token file like '<new1>.safetensors' next to {CD_FILE}, "
                                  f"found {len(token_files)}")
         load_embedding_file(pipeline, token_files[0])
+
+    @staticmethod
+    def unload_from(pipeline) -> bool:
+        """Back to the default attention processors (what the base UNet uses) and no modifier token."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipeline.unet.set_attn_processor(AttnProcessor2_0())
+        unload_embeddings(pipeline)
+        return True

@@ -19,6 +19,7 @@ KOHYA_FILE = "lora_kohya.safetensors"
 @register
 class LoRA(Method):
     name = "lora"
+    output_file = LORA_FILE
 
     def setup(self) -> None:
         from peft import LoraConfig
@@ -77,6 +78,11 @@ class LoRA(Method):
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:
         pipeline.load_lora_weights(str(output_dir), weight_name=LORA_FILE)
+
+    @staticmethod
+    def unload_from(pipeline) -> bool:
+        pipeline.unload_lora_weights()
+        return True
 
 
     def _kohya_state(self, modules) -> dict[str, torch.Tensor]:

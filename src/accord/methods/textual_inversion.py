@@ -115,6 +115,13 @@ def load_embedding_file(pipeline, path: Path) -> str:
     return token or next(iter(state))
 
 
+def unload_embeddings(pipeline) -> None:
+    """Remove every added token from each tokenizer / text encoder (``unload_textual_inversion``)."""
+    pipeline.unload_textual_inversion()
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        pipeline.unload_textual_inversion(tokenizer=pipeline.tokenizer_2, text_encoder=pipeline.text_encoder_2)
+
+
 def vector_tokens(token: str, num_vectors: int) -> list[str]:
     """``<s*>``, ``<s*>_1``, … — the names diffusers' loader gives multi-vector embeddings."""
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
@@ -123,6 +130,7 @@ def vector_tokens(token: str, num_vectors: int) -> list[str]:
 @register
 class TextualInversion(Method):
     name = "textual_inversion"
+    output_file = TI_FILE
     learns_personal_embedding = True
     trains_text = True
 
@@ -166,3 +174,8 @@ class TextualInversion(Method):
         one per text encoder (see :func:`load_embedding_file`). Multi-vector tokens are expanded in prompts
         by the pipeline itself."""
         load_embedding_file(pipeline, Path(output_dir) / TI_FILE)
+
+    @staticmethod
+    def unload_from(pipeline) -> bool:
+        unload_embeddings(pipeline)
+        return True
