@@ -70,15 +70,17 @@ def test_resume_after_sigkill_is_bitwise_identical(model, refs, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
 
     cfg = _write(tiny_config(model, refs, tmp_path / "killed", **common), tmp_path / "b.yaml")
+    log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "accord.cli", "train", str(cfg), "--no-progress"], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     marker = tmp_path / "killed" / "checkpoints" / "step-000002" / "state.json"
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     assert not (tmp_path / "killed" / "train_summary.json").exists()
 
     again = _cli("train", cfg, "--no-progress")
