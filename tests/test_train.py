@@ -257,3 +257,17 @@ def test_loop_options_run_together(model, refs, tmp_path):
     for tag in ("loss", "diffusion", "dd", "dependence_shift", "lr"):
         assert tag in tags, tags
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoints/step-000002/trainable.safetensors")).values())
+
+
+def test_lora_with_text_encoder(model, refs, tmp_path):
+    """Text-encoder LoRA trains (its lora_B leaves zero) and is written in both formats."""
+    from accord.train import train
+
+    out = train(tiny_config(model, refs, tmp_path / "te", method={"train_text_encoder": True},
+                            train={"max_steps": 2}), progress=False)
+    diffusers_keys = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    text = {k: v for k, v in diffusers_keys.items() if k.startswith("text_encoder.")}
+    assert text and all(v.abs().sum() > 0 for k, v in text.items() if k.endswith("up.weight"))
+    kohya = load_file(str(out / "lora_kohya.safetensors"))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
+    assert any(k.startswith("lora_unet_") for k in kohya)

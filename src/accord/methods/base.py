@@ -43,12 +43,17 @@ class Method:
     learns_personal_embedding: bool = False
     #: the text encoders carry gradient (learned tokens or text-encoder training).
     trains_text: bool = False
-    #: the paper's baselines for this method use the class-prior loss.
-    prior_preservation_default: bool = False
     #: the file ``save`` writes that marks a folder as this method's output (found by ``accord.inference``).
     output_file: str = ""
+    #: model families (``Backbone.family``) the method trains
+    families: tuple[str, ...] = ("sd", "sdxl")
 
     def __init__(self, config, backbone):
+        if backbone.family not in self.families:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"method {self.name} supports {', '.join(self.families)}; use lora for flux/sd3")
+        backbone.check_config(config)
         self.config = config
         self.backbone = backbone
 

@@ -87,7 +87,6 @@ class CustomDiffusion(Method):
     output_file = CD_FILE
     learns_personal_embedding = True
     trains_text = True
-    prior_preservation_default = True
 
     def setup(self) -> None:
         super().setup()

@@ -18,7 +18,6 @@ from .base import Method, load_named_state, named_trainable_state, register
 class DreamBooth(Method):
     name = "dreambooth"
     output_file = "model_index.json"
-    prior_preservation_default = True
 
     def setup(self) -> None:
         super().setup()

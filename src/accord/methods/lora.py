@@ -1,11 +1,13 @@
-"""LoRA (Hu et al., 2021) on the UNet attention, optionally on the text encoders, through peft.
+"""LoRA (Hu et al., 2021) on the UNet or transformer attention, optionally on the text encoders, through peft.
 
-Outputs: ``pytorch_lora_weights.safetensors`` in diffusers format (``pipe.load_lora_weights``) and
-``lora_kohya.safetensors`` in the kohya/A1111/ComfyUI key format.
+Outputs: ``pytorch_lora_weights.safetensors`` in diffusers format (``pipe.load_lora_weights``) and, for
+sd/sdxl, ``lora_kohya.safetensors`` in the kohya/A1111/ComfyUI key format. FLUX/SD3 get no kohya file
+(diffusers' ``convert_state_dict_to_kohya`` knows only UNet/CLIP names; the run logs a note).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -20,12 +22,18 @@ KOHYA_FILE = "lora_kohya.safetensors"
 class LoRA(Method):
     name = "lora"
     output_file = LORA_FILE
+    families = ("sd", "sdxl", "flux", "sd3")
 
     def setup(self) -> None:
         from peft import LoraConfig
 
         super().setup()
         m = self.config.method
+        if m.train_text_encoder and self.backbone.denoiser_name != "unet":
+            from ..errors import ConfigError
+
+            raise ConfigError(f"method.train_text_encoder is for sd/sdxl; LoRA on {self.backbone.family} trains the "
+                              "transformer only: set it to false")
         alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
         self.backbone.denoiser.add_adapter(
             LoraConfig(r=m.lora_rank, lora_alpha=alpha, lora_dropout=m.lora_dropout, init_lora_weights="gaussian",
@@ -33,10 +41,14 @@ class LoRA(Method):
         )
         self.trains_text = bool(m.train_text_encoder)
         if self.trains_text:
+            from peft import inject_adapter_in_model
+
             for encoder in self.backbone.text_encoders:
-                encoder.add_adapter(
+                # peft's own injection: transformers 5's add_adapter insists on a newer peft than diffusers needs.
+                inject_adapter_in_model(
                     LoraConfig(r=m.lora_rank, lora_alpha=alpha, lora_dropout=m.lora_dropout, init_lora_weights="gaussian",
-                               target_modules=list(m.text_lora_targets))
+                               target_modules=list(m.text_lora_targets)),
+                    encoder,
                 )
 
     def trainable_modules(self):
@@ -66,12 +78,21 @@ class LoRA(Method):
         from safetensors.torch import save_file
 
         modules = self._unwrapped()
-        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(modules[0]))}
+        denoiser = get_peft_model_state_dict(modules[0])
+        if self.backbone.denoiser_name == "unet":  # transformers keep peft keys, as diffusers' flux/sd3 scripts do
+            denoiser = convert_state_dict_to_diffusers(denoiser)
+        layers = {f"{self.backbone.denoiser_name}_lora_layers": denoiser}
         if self.trains_text:
             names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
             for name, encoder in zip(names, modules[1:]):
                 layers[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
         self.backbone.pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **layers)
+        if self.backbone.denoiser_name != "unet":
+            import logging
+
+            logging.getLogger("accord.lora").info("no %s for %s: diffusers' kohya converter covers UNet models only",
+                                                  KOHYA_FILE, self.backbone.family)
+            return [output_dir / LORA_FILE]
         save_file(self._kohya_state(modules), str(output_dir / KOHYA_FILE))
         return [output_dir / LORA_FILE, output_dir / KOHYA_FILE]
 
@@ -103,5 +124,7 @@ class LoRA(Method):
         for key, value in kohya.items():
             if self.backbone.family == "sd":
                 key = key.replace("lora_te1_", "lora_te_")
+            # transformers 5 flattened CLIPTextModel (no .text_model); kohya keys keep the classic path.
+            key = re.sub(r"^(lora_te[12]?_)(?!text_model_)", r"\1text_model_", key)
             out[key] = torch.full_like(value, alpha, dtype=torch.float32) if key.endswith(".alpha") else value
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
