@@ -15,12 +15,13 @@ def test_real_clip_tokenizer(clip_tokenizer):
 
 
 @pytest.mark.parametrize("kind, cls", [("sd", "StableDiffusionPipeline"), ("sd-v", "StableDiffusionPipeline"),
-                                       ("sdxl", "StableDiffusionXLPipeline"), ("flux", "FluxPipeline")])
+                                       ("sdxl", "StableDiffusionXLPipeline"), ("flux", "FluxPipeline"),
+                                       ("sd3", "StableDiffusion3Pipeline")])
 def test_tiny_pipelines_generate_offline(kind, cls, tiny_model_dir):
     import diffusers
 
     pipe = getattr(diffusers, cls).from_pretrained(tiny_model_dir(kind))  # the real loading path, offline
-    kwargs = {"max_sequence_length": 32} if kind == "flux" else {}
+    kwargs = {"max_sequence_length": 32} if kind in ("flux", "sd3") else {}
     image = pipe("a sks backpack, girl, park", num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0), **kwargs).images
     assert image.shape == (1, 32, 32, 3) and bool((image >= 0).all() and (image <= 1).all())

@@ -32,7 +32,7 @@ def _f(default, help: str, choices: tuple | None = None, **kwargs):
     return field(default=default, metadata=metadata, **kwargs)
 
 
-BACKBONES = ("auto", "sd", "sdxl")
+BACKBONES = ("auto", "sd", "sdxl", "flux", "sd3")
 METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 
@@ -48,6 +48,10 @@ class ModelConfig:
     )
     prediction_type: str | None = _f(
         None, "override the scheduler's prediction type (e.g. 'v_prediction' for SD 2.x-768)", PREDICTION_TYPES
+    )
+    flux_guidance: float = _f(
+        1.0, "FLUX.1-dev (guidance-distilled): the value fed to its guidance embedding during training "
+        "(diffusers' train_dreambooth_lora_flux.py uses 1.0); unused by models without one"
     )
 
 

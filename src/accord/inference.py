@@ -68,7 +68,7 @@ def trained_method(folder: str | Path, config: dict | None = None):
 def load_base(source: str | Path, *, base_model: str | None = None, dtype=None):
     """The base pipeline of a run folder (``model`` of its ``config.yaml``, ``pretrained`` replaced by
     ``base_model`` when given), or the pipeline folder / hub id ``base_model or source`` as it is."""
-    from .backbones import _load_pipeline, detect_family
+    from .backbones import _PIPELINES, _load_pipeline, detect_family
     from .config import config_from_dict
 
     path = Path(source)
@@ -85,7 +85,7 @@ def load_base(source: str | Path, *, base_model: str | None = None, dtype=None):
     family = model.backbone if model.backbone != "auto" else detect_family(model.pretrained, model.revision)
     import diffusers
 
-    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    cls = getattr(diffusers, _PIPELINES[family])
     pipe = _load_pipeline(cls, model, family)
     if model.prediction_type is not None:
         pipe.scheduler.register_to_config(prediction_type=model.prediction_type)

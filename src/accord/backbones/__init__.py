@@ -10,10 +10,13 @@ from pathlib import Path
 from ..errors import ConfigError, ModelLoadError
 from .base import Backbone, Conditioning
 
-__all__ = ["Backbone", "Conditioning", "load_backbone", "detect_family", "FAMILIES"]
+__all__ = ["Backbone", "Conditioning", "load_backbone", "detect_family", "FAMILIES", "FLOW_FAMILIES"]
 
-FAMILIES = ("sd", "sdxl")
-_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+FAMILIES = ("sd", "sdxl", "flux", "sd3")
+#: families trained by flow matching (a transformer; velocity prediction; no min-SNR weighting)
+FLOW_FAMILIES = ("flux", "sd3")
+_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
+              "sd3": "StableDiffusion3Pipeline"}
 
 
 def _offline_hint(source: str) -> str:
@@ -43,6 +46,10 @@ def detect_family(source: str, revision: str | None = None) -> str:
         raise
     except Exception:
         raise ModelLoadError(_offline_hint(source)) from None
+    if name.startswith("Flux"):
+        return "flux"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
     if "XL" in name:
         return "sdxl"
     if "StableDiffusion" in name and "3" not in name:
@@ -99,10 +106,21 @@ def load_backbone(model_cfg, *, resolution: int = 512, pd_clip: str | None = Non
     family = model_cfg.backbone
     if family == "auto":
         if model_cfg.pretrained.endswith(".safetensors"):
-            raise ConfigError("model.backbone='auto' cannot read a single .safetensors file: set model.backbone to sd or sdxl")
+            raise ConfigError("model.backbone='auto' cannot read a single .safetensors file: set model.backbone to "
+                              f"one of {', '.join(FAMILIES)}")
         family = detect_family(model_cfg.pretrained, model_cfg.revision)
     if family not in FAMILIES:
         raise ConfigError(f"model.backbone={family!r} is not supported; choose one of auto, {', '.join(FAMILIES)}")
+    if family in FLOW_FAMILIES:
+        if model_cfg.prediction_type is not None:
+            raise ConfigError(f"model.prediction_type is for sd/sdxl; {family} predicts flow velocity: set it to null")
+        from .flux import FluxBackbone
+        from .sd3 import StableDiffusion3Backbone
+
+        pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family)
+        if family == "flux":
+            return FluxBackbone(pipe, model_cfg.pretrained, guidance=model_cfg.flux_guidance)
+        return StableDiffusion3Backbone(pipe, model_cfg.pretrained)
     pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family)
     # Train on the DDPM grid of the model's own schedule (as diffusers' training scripts do).
     noise_scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)

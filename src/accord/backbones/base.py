@@ -55,12 +55,18 @@ class Backbone:
     """
 
     family: str = ""
+    #: the trained network's name in the pipeline and in its LoRA loader (``unet_lora_layers`` …)
+    denoiser_name: str = "unet"
     #: rewrites each prompt before it is tokenized (a method's hook, e.g. multi-vector textual
     #: inversion expands its token into all vector tokens); ``None`` leaves prompts as they are.
     prompt_transform = None
 
     def prepare_prompts(self, prompts: list[str]) -> list[str]:
         return list(prompts) if self.prompt_transform is None else [self.prompt_transform(p) for p in prompts]
+
+    def check_config(self, config) -> None:
+        """Reject training settings this family cannot honour (one-line ``ConfigError``); called by
+        :class:`accord.methods.base.Method` once the backbone is loaded."""
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - interface
         raise NotImplementedError

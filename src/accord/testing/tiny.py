@@ -1,12 +1,12 @@
 """Tiny, randomly initialised model families that build offline from configs.
 
-They stand in for Stable Diffusion 1.x, SDXL and FLUX wherever pretrained weights cannot be had
+They stand in for Stable Diffusion 1.x, SDXL, FLUX and SD3 wherever pretrained weights cannot be had
 (tests, CI, the offline demo). Each assembles into the matching stock diffusers pipeline, and
 :func:`save_tiny_pipeline` writes it with ``save_pretrained`` so that the real loading paths
 (``from_pretrained`` on a local folder) are exercised too.
 
 The tokenizer is the real CLIP BPE tokenizer, built from the vocabulary open_clip ships; the FLUX
-stand-in uses it for its T5 encoder as well (a real T5 SentencePiece model is not available offline).
+and SD3 stand-ins use it for their T5 encoders as well (a real T5 SentencePiece model is not available offline).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ __all__ = [
     "clip_tokenizer",
     "save_tiny_pipeline",
     "tiny_flux_components",
+    "tiny_sd3_components",
     "tiny_sd_components",
     "tiny_sdxl_components",
 ]
 
-KINDS = ("sd", "sd-v", "sdxl", "flux")
+KINDS = ("sd", "sd-v", "sdxl", "flux", "sd3")
 
 
 @lru_cache(maxsize=1)
@@ -208,11 +209,49 @@ def tiny_flux_components(seed: int = 0) -> dict:
     }
 
 
+def tiny_sd3_components(seed: int = 0) -> dict:
+    """SD3-like (after diffusers' own SD3 pipeline tests): ``SD3Transformer2DModel`` with 2×2 patches,
+    CLIP-L + CLIP-G (both with projection; pooled = both concatenated) + T5, flow matching with shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # T5 width; the two 32-wide CLIP states side by side are padded to it
+        pooled_projection_dim=64,  # 32 + 32 projected CLIP outputs
+        pos_embed_max_size=16,
+    )
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=49408, d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    )
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": _vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035),
+        "text_encoder": CLIPTextModelWithProjection(_clip_text_config()),
+        "text_encoder_2": CLIPTextModelWithProjection(_clip_text_config()),
+        "text_encoder_3": t5,
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(),
+        "tokenizer_3": clip_tokenizer(model_max_length=256),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 def build_pipeline(kind: str, seed: int = 0):
-    """A stock diffusers pipeline around tiny random components: ``sd``, ``sd-v``, ``sdxl`` or ``flux``."""
+    """A stock diffusers pipeline around tiny random components: ``sd``, ``sd-v``, ``sdxl``, ``flux`` or ``sd3``."""
     import inspect
 
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if kind in ("sd", "sd-v"):
         cls, parts = StableDiffusionPipeline, tiny_sd_components("v_prediction" if kind == "sd-v" else "epsilon", seed)
@@ -221,6 +260,8 @@ def build_pipeline(kind: str, seed: int = 0):
         cls, parts = StableDiffusionXLPipeline, tiny_sdxl_components(seed)
     elif kind == "flux":
         cls, parts = FluxPipeline, tiny_flux_components(seed)
+    elif kind == "sd3":
+        cls, parts = StableDiffusion3Pipeline, tiny_sd3_components(seed)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
     accepted = inspect.signature(cls.__init__).parameters

@@ -1,0 +1,80 @@
+"""What FLUX.1 and SD3 share: a transformer trained by flow matching on a VAE latent.
+
+Noise is ``x_t = (1−σ)·x_0 + σ·ε`` and the model predicts the velocity ``ε − x_0`` (DESIGN.md's table,
+last row); timesteps are ``σ·num_train_timesteps`` on the training sigma grid of the pipeline's
+``FlowMatchEulerDiscreteScheduler``, which is also where DDLoss finds each step's previous point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..losses import Parameterization
+from .base import Backbone
+
+__all__ = ["FlowBackbone"]
+
+
+class FlowBackbone(Backbone):
+    """Base of the flow-matching families. Subclasses set ``family`` and the text-encoder lists."""
+
+    denoiser_name = "transformer"
+    #: latent height and width must be multiples of this (2×2 patches)
+    patch = 2
+
+    def __init__(self, pipe, source: str):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.source = source
+        self.pipeline_class = type(pipe)
+        self.denoiser = pipe.transformer
+        self.vae = pipe.vae
+        self._pipe = pipe
+        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ConfigError(f"{source}: a {self.family} model needs a FlowMatchEulerDiscreteScheduler, "
+                              f"found {type(pipe.scheduler).__name__}")
+        # A fresh copy: its grid is the training one, whatever set_timesteps later does to the pipeline's.
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.parameterization = Parameterization(self.noise_scheduler)
+        self._grid = torch.sort(self.noise_scheduler.timesteps.float()).values  # σ·N, ascending
+
+    def check_config(self, config) -> None:
+        if config.train.snr_gamma:
+            raise ConfigError(f"train.snr_gamma is for DDPM-style sd/sdxl; {self.family} is trained by flow matching, "
+                              "set train.snr_gamma to null (use train.timestep_sampling=logit_normal instead)")
+
+    def sample_timesteps(self, n: int, generator: torch.Generator, train_cfg) -> torch.Tensor:
+        """``σ·N`` on the training grid: grid index ``u·N`` (uniform, or logit-normal ``u`` as in SD3's
+        paper, Esser et al. 2024, §3.1) with σ increasing in ``u``, so ``train.logit_mean > 0`` favours
+        noisier steps. (diffusers' flow scripts index the descending grid, which flips that sign.)"""
+        return self._grid[super().sample_timesteps(n, generator, train_cfg)]
+
+    # -- VAE ----------------------------------------------------------------------------------------
+    def latent_distribution(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the VAE posterior (what latent caching stores)."""
+        dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def latents_from(self, mean, std, generator=None) -> torch.Tensor:
+        """A posterior sample, shifted and scaled as the pipelines undo it before decoding."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (mean + std * noise - shift) * self.vae.config.scaling_factor
+
+    def encode_images(self, pixel_values, generator=None):
+        return self.latents_from(*self.latent_distribution(pixel_values), generator=generator)
+
+    @property
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _check_size(self, latents: torch.Tensor) -> None:
+        h, w = latents.shape[-2:]
+        if h % self.patch or w % self.patch:
+            step = self.patch * self.latent_scale
+            raise ConfigError(f"{self.family} needs image sides that are multiples of {step} pixels, got "
+                              f"{h * self.latent_scale}x{w * self.latent_scale}; change data.resolution")
+
+    def pipeline(self):
+        return self._pipe

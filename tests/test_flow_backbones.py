@@ -1,0 +1,113 @@
+"""Flow-matching backbones (FLUX.1, SD3): LoRA with DDLoss through the flow formula and logit-normal
+timesteps trains on tiny models; stock pipelines load the result; lean equals fast; bad settings get one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from accord.errors import ConfigError
+from trainkit import make_refs, tiny_config
+
+PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+FLOW = dict(accord={"dd_weight": 0.2}, train={"max_steps": 2, "timestep_sampling": "logit_normal"})
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    return make_refs(tmp_path_factory.mktemp("refs"))
+
+
+def _image(pipe):
+    return pipe("a sks backpack, girl, park", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_lora_with_ddloss_trains_and_loads_into_stock_pipeline(family, tiny_model_dir, refs, tmp_path):
+    import diffusers
+
+    from accord.inference import load_trained
+    from accord.train import train
+
+    model = tiny_model_dir(family)
+    logged = []
+    from accord import train as train_module
+
+    original = train_module.compute_step
+
+    def spy(*args, **kwargs):
+        losses = original(*args, **kwargs)
+        logged.append(float(losses.parts["dependence_shift"]))
+        return losses
+
+    train_module.compute_step = spy
+    try:
+        out = train(tiny_config(model, refs, tmp_path / "run", **FLOW), progress=False)
+    finally:
+        train_module.compute_step = original
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(logged)))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["outputs"] == ["pytorch_lora_weights.safetensors"]  # no kohya file for transformers
+
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(model)
+    base = _image(pipe)
+    pipe.load_lora_weights(str(out))
+    tuned = _image(pipe)
+    assert tuned.shape == (1, 32, 32, 3) and abs(tuned - base).max() > 0, "the trained LoRA should change the image"
+    loaded = load_trained(out)
+    assert type(loaded).__name__ == PIPELINES[family]
+    assert abs(_image(loaded) - tuned).max() < 1e-5
+
+
+def test_flux_lean_mode_gives_the_fast_mode_gradient(tiny_model_dir, refs, tmp_path):
+    from test_train import _grads
+
+    model = tiny_model_dir("flux")
+    sections = dict(train={"timestep_sampling": "logit_normal"})
+    fast, lf, calls_fast = _grads(tiny_config(model, refs, tmp_path / "f", accord={"dd_weight": 0.3}, **sections),
+                                  model, refs)
+    lean, ll, calls_lean = _grads(tiny_config(model, refs, tmp_path / "l", accord={"dd_weight": 0.3, "mode": "lean"},
+                                              **sections), model, refs)
+    assert calls_fast == [4, 4] and calls_lean == [6, 2, 2]
+    assert torch.allclose(lf.total, ll.total, rtol=1e-5)
+    for name in fast:
+        assert torch.allclose(fast[name], lean[name], rtol=1e-4, atol=1e-7), name
+    assert any(g.abs().sum() > 0 for g in fast.values())
+
+
+def test_flow_timesteps_lie_on_the_training_sigma_grid(tiny_model_dir, refs, tmp_path):
+    from accord.backbones import load_backbone
+
+    config = tiny_config(tiny_model_dir("sd3"), refs, tmp_path / "t", train={"timestep_sampling": "logit_normal"})
+    backbone = load_backbone(config.model)
+    t = backbone.sample_timesteps(512, torch.Generator().manual_seed(0), config.train)
+    grid = backbone.noise_scheduler.timesteps
+    assert t.dtype == torch.float32 and all(bool((grid == v).any()) for v in t[:32])
+    sigma = t / backbone.noise_scheduler.config.num_train_timesteps
+    assert 0 < float(sigma.min()) and float(sigma.max()) <= 1
+    # logit-normal concentrates mass in the middle (shift 3 moves it up): few samples at the ends
+    assert float(((sigma < 0.05) | (sigma > 0.995)).float().mean()) < 0.1
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("train", "snr_gamma", 5.0, "train.snr_gamma is for DDPM-style sd/sdxl; flux is trained by flow matching"),
+        ("method", "name", "dreambooth", "method dreambooth supports sd, sdxl; use lora for flux/sd3"),
+        ("method", "train_text_encoder", True, "method.train_text_encoder is for sd/sdxl"),
+        ("model", "prediction_type", "epsilon", "model.prediction_type is for sd/sdxl; flux predicts flow velocity"),
+    ],
+)
+def test_flow_families_reject_ddpm_settings_in_one_line(section, key, value, message, tiny_model_dir, refs, tmp_path):
+    import re
+
+    from accord.train import train
+
+    config = tiny_config(tiny_model_dir("flux"), refs, tmp_path / "bad")
+    setattr(getattr(config, section), key, value)
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        train(config.validate(), progress=False)
+    assert "\n" not in str(err.value)
