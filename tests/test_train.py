@@ -271,3 +271,36 @@ def test_lora_with_text_encoder(model, refs, tmp_path):
     kohya = load_file(str(out / "lora_kohya.safetensors"))
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
     assert any(k.startswith("lora_unet_") for k in kohya)
+
+
+def test_sdxl_buckets_feed_each_sample_its_size_conditioning(tiny_model_dir, tmp_path):
+    """Aspect-ratio buckets batch same-size images; SDXL time ids carry each sample's original size
+    and crop instead of a fixed square."""
+    from PIL import Image
+
+    import accord.train as train_module
+    from accord.train import train
+
+    refs = make_refs(tmp_path / "refs")
+    wide = Image.open(refs / "00.jpg")
+    wide.crop((0, wide.height // 4, wide.width, wide.height * 3 // 4)).save(refs / "00.jpg")  # 2:1
+    seen = []
+    original = train_module._with_micro
+
+    def spy(cond, micro):
+        if micro is not None:
+            seen.append(micro.clone())
+        return original(cond, micro)
+
+    train_module._with_micro = spy
+    try:
+        config = tiny_config(tiny_model_dir("sdxl"), refs, tmp_path / "xl", data={"buckets": True, "resolution": 64},
+                             train={"max_steps": 3, "batch_size": 2})
+        train(config, progress=False)
+    finally:
+        train_module._with_micro = original
+    rows = torch.cat(seen)
+    assert rows.shape[1] == 6
+    targets = {tuple(r[4:].tolist()) for r in rows}
+    assert len(targets) >= 2, f"expected a wide and a square bucket, got {targets}"
+    assert any(r[1] > r[0] for r in rows), "the 2:1 image's original size is wider than tall"

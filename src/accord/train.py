@@ -7,6 +7,7 @@ exactly (bitwise on the CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from .backbones import Conditioning, load_backbone
 from .checkpoint import CONFIG_FILE, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
 from .errors import AccordError, ConfigError
-from .losses import dd_loss, pd_loss
+from .losses import classdiffusion_loss, dd_loss, pd_loss, sude_loss
 from .methods import get_method
 
 logger = logging.getLogger("accord.train")
@@ -93,7 +94,8 @@ def _build_data(config: Config, accelerator, backbone):
     if d.buckets:
         from .data.images import make_buckets
 
-        buckets = make_buckets(d.resolution)
+        # kohya's 64-pixel step at 512 px and above; finer below so small resolutions still get several buckets.
+        buckets = make_buckets(d.resolution, step=min(64, max(8, d.resolution // 64 * 8)))
     dataset = ReferenceDataset(items, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
                                buckets=buckets, seed=config.train.seed)
     no_general = [it.path.name for it in items if not it.general]
@@ -206,7 +208,8 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     rows = torch.tensor(dd_rows, dtype=torch.long, device=device)
     k = len(dd_rows)
     grad_text = method.trains_text
-    cond = text(captions, grad_text)
+    micro = _micro_conditions(batch, class_batch)
+    cond = _with_micro(text(captions, grad_text), micro)
     parts: dict = {}
 
     def diffusion(pred_joint):
@@ -217,7 +220,21 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
             prior = per[n_inst:].mean()
             parts["prior"] = prior.detach()
             loss = loss + config.data.prior_loss_weight * prior
-        return loss
+        return loss + comparators(pred_joint[:n_inst])
+
+    def comparators(pred_subject):
+        """SuDe and ClassDiffusion (docs/regularizers.md): added once per step with the diffusion loss."""
+        reg, total = config.regularizers, 0.0
+        if reg.sude_weight > 0:
+            value = _sude_term(config, backbone, text, pred_subject, noisy[:n_inst], timesteps[:n_inst],
+                               captions[:n_inst], superclass)
+            parts["sude"] = value.detach()
+            total = total + reg.sude_weight * value
+        if reg.classdiffusion_weight > 0 and method.trains_text:
+            value = _classdiffusion_term(backbone, personal, superclass, config.data.trigger)
+            parts["classdiffusion"] = value.detach()
+            total = total + reg.classdiffusion_weight * value
+        return total
 
     def dd(pred_joint_rows, pred_personal, pred_general, pred_null):
         value, comps = dd_loss(pred_joint_rows, pred_personal, pred_general, pred_null, sample=noisy[rows],
@@ -234,9 +251,11 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     if k == 0:
         loss = diffusion(backbone.predict(noisy, timesteps, cond))
     else:
-        cond_personal = text([personal[i] for i in dd_rows], grad_text)
+        micro_rows = None if micro is None else micro[rows]
+        cond_personal = _with_micro(text([personal[i] for i in dd_rows], grad_text), micro_rows)
         with torch.no_grad():
-            cond_rest = Conditioning.cat([text([general[i] for i in dd_rows], False), text([""] * k, False)])
+            cond_rest = Conditioning.cat([_with_micro(text([general[i] for i in dd_rows], False), micro_rows),
+                                          _with_micro(text([""] * k, False), micro_rows)])
         if acc.mode == "fast":
             pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
                                     Conditioning.cat([cond, cond_personal]))
@@ -261,7 +280,8 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
                 with accelerator.no_sync(backbone.denoiser):
                     accelerator.backward(loss)
             del pred_joint
-            pred_personal = backbone.predict(noisy[rows], timesteps[rows], text([personal[i] for i in dd_rows], grad_text))
+            pred_personal = backbone.predict(noisy[rows], timesteps[rows],
+                                             _with_micro(text([personal[i] for i in dd_rows], grad_text), micro_rows))
             second = acc.dd_weight * dd_loss(joint_d, pred_personal, pred_general, pred_null, sample=noisy[rows],
                                              timesteps=timesteps[rows], scheduler=backbone.noise_scheduler,
                                              reduction=acc.dd_reduction)[0]
@@ -273,14 +293,39 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     return StepLosses(total=loss, parts=parts)
 
 
+def _superclass_prompts(prompts: list[str], superclass: str, trigger: str) -> list[str]:
+    """Each prompt with the class noun in place of the trigger (c_s for PDLoss, SuDe, ClassDiffusion)."""
+    from .data.captions import trigger_pattern
+
+    pattern = trigger_pattern(trigger)
+    return [" ".join(pattern.sub(superclass, p).split()) for p in prompts]
+
+
+def _micro_conditions(batch: dict, class_batch: dict | None) -> torch.Tensor | None:
+    """SDXL's size/crop conditioning per sample: original (h, w), crop top-left, target (h, w)."""
+    if "original_size" not in batch:
+        return None
+    parts = [batch] + ([class_batch] if class_batch is not None else [])
+    original = torch.cat([b["original_size"] for b in parts])
+    crop = torch.cat([b["crop_top_left"] for b in parts])
+    h, w = batch["pixel_values"].shape[-2:]
+    target = torch.tensor([[h, w]]).repeat(original.shape[0], 1)
+    return torch.cat([original, crop, target], dim=1)
+
+
+def _with_micro(cond: Conditioning, micro: torch.Tensor | None) -> Conditioning:
+    if cond.time_ids is None or micro is None:
+        return cond
+    return dataclasses.replace(cond, time_ids=micro.to(cond.time_ids.device, cond.time_ids.dtype))
+
+
 def _pd_term(backbone, personal: list[str], general: list[str], superclass: str, trigger: str) -> torch.Tensor:
     """PDLoss: f_p from each c_p phrase (learned token inside), f_s from the same phrase with the
     class noun in place of the trigger, f_g from each other concept separately."""
-    from .data.captions import split_phrases, trigger_pattern
+    from .data.captions import split_phrases
 
     f_p = backbone.projected_text_features(personal)
-    pattern = trigger_pattern(trigger)
-    supers = [" ".join(pattern.sub(superclass, p).split()) for p in personal]
+    supers = _superclass_prompts(personal, superclass, trigger)
     phrases = [split_phrases(g) for g in general]
     width = max(1, max(len(p) for p in phrases))
     flat = [ph for p in phrases for ph in p]
@@ -296,6 +341,28 @@ def _pd_term(backbone, personal: list[str], general: list[str], superclass: str,
             mask[b, j] = True
             i += 1
     return pd_loss(f_p, f_s, f_g, mask=mask)[0]
+
+
+def _sude_term(config: Config, backbone, text, pred_subject, noisy, timesteps, captions: list[str],
+               superclass: str) -> torch.Tensor:
+    """SuDe: the category prompt (each caption with the class noun for the trigger) and the empty prompt
+    on the same noisy samples, as one forward without gradient, against the subject (joint) prediction."""
+    n = len(captions)
+    with torch.no_grad():
+        cond = Conditioning.cat([text(_superclass_prompts(captions, superclass, config.data.trigger), False),
+                                 text([""] * n, False)])
+        rest = backbone.predict(noisy.repeat(2, *[1] * (noisy.dim() - 1)), timesteps.repeat(2), cond)
+    per, _ = sude_loss(pred_subject, rest[:n], rest[n:], timesteps=timesteps, scheduler=backbone.noise_scheduler,
+                       truncation=config.regularizers.sude_truncation, reduction=config.accord.dd_reduction)
+    return per.mean()
+
+
+def _classdiffusion_term(backbone, personal: list[str], superclass: str, trigger: str) -> torch.Tensor:
+    """ClassDiffusion SPL: EOS features of each c_p phrase (with gradient) and of its class-noun version."""
+    f_p = backbone.projected_text_features(personal)
+    with torch.no_grad():
+        f_c = backbone.projected_text_features(_superclass_prompts(personal, superclass, trigger))
+    return classdiffusion_loss(f_p, f_c)[0].mean()
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -368,6 +435,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
         backbone.denoiser.enable_gradient_checkpointing()
     if config.accord.pd_weight > 0 and not method.learns_personal_embedding:
         logger.warning("accord.pd_weight is set but method %s does not learn c_p; PDLoss is skipped", method.name)
+    if config.regularizers.classdiffusion_weight > 0 and not method.trains_text:
+        logger.warning("regularizers.classdiffusion_weight is set but method %s trains no text side (set "
+                       "method.train_text_encoder=true); ClassDiffusion's loss is skipped", method.name)
 
     items, dataset, class_set = _build_data(config, accelerator, backbone)
     params = method.parameters()
