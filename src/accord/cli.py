@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("accord.caption", "write .txt caption sidecars with a vision-language model or a template"),
     "quickstart": ("accord.quickstart", "offline demo: LoRA + DDLoss for a few steps on a tiny random model"),
     "tiny": ("accord.testing.cli", "write a tiny random model (sd, sd-v, sdxl, flux) as a local diffusers folder"),
+    "demo": ("accord.lab.demo", "the coupling lab in minutes on a CPU: LoRA with and without ACCORD, leak rates, report.html"),
+    "lab": ("accord.lab.cli", "the synthetic coupling lab: pretrain its miniature models, bench every method"),
 }
 
 

@@ -1,0 +1,85 @@
+"""``accord lab``: the synthetic coupling lab — ``pretrain`` its miniature models, ``bench`` the methods."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="lab_command", metavar="SUBCOMMAND")
+    p = sub.add_parser("pretrain", help="train the lab's autoencoder, mini-CLIP, detector and text-to-image UNet from scratch")
+    p.add_argument("--out", default="accord-lab-weights", help="weights folder (pass it as --weights to demo/bench)")
+    p.add_argument("--stage", action="append", choices=("vae", "clip", "detector", "unet", "assemble"),
+                   help="run only these stages (repeatable; default all, in order)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a few steps per stage: proves the recipe runs")
+    b = sub.add_parser("bench", help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
+    b.add_argument("--output", default="accord-lab-bench", help="run folder (report.html, summary.md, runs/)")
+    b.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion", "custom_diffusion"])
+    b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior (default: all that apply)")
+    b.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
+    b.add_argument("--steps", type=int, default=150, help="training steps per run")
+    b.add_argument("--images", type=int, default=4, help="images per evaluation prompt")
+    b.add_argument("--sample-steps", type=int, default=25)
+    b.add_argument("--weights", help="lab weights folder (default: the shipped one)")
+    b.add_argument("--no-progress", action="store_true")
+
+
+def _pretrain(args) -> int:
+    from .pretrain import STAGES, Recipe, run_stage
+
+    recipe = Recipe.smoke() if args.smoke else Recipe()
+    recipe.seed = args.seed
+    out = Path(args.out)
+    seconds = {}
+    for stage in args.stage or STAGES:
+        print(f"accord lab pretrain: stage {stage}", flush=True)
+        seconds[stage] = round(run_stage(stage, out, recipe), 1)
+    import torch
+
+    (out / "recipe.json").write_text(json.dumps({"recipe": recipe.__dict__, "seconds": seconds,
+                                                 "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                                 "date": time.strftime("%Y-%m-%d")}, indent=1))
+    print(f"wrote {out} ({', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())})")
+    return 0
+
+
+def _bench(args) -> int:
+    from ..errors import AccordError
+    from .experiment import run_experiment
+    from .report import format_table, summarize
+    from .runner import METHODS, REGULARIZERS, Setting, settings_for
+    from .task import SEEDS
+
+    for m in args.methods:
+        if m not in METHODS:
+            raise AccordError(f"--methods {m!r}: choose from {', '.join(METHODS)}")
+    for r in args.regularizers or []:
+        if r not in REGULARIZERS:
+            raise AccordError(f"--regularizers {r!r}: choose from {', '.join(REGULARIZERS)}")
+    if not 1 <= args.seeds <= len(SEEDS):
+        raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(SEEDS)} (the task's fixed seeds)")
+    settings = [Setting(method=m, regularizer=r, seed=seed, steps=args.steps, images_per_prompt=args.images,
+                        sample_steps=args.sample_steps)
+                for seed in SEEDS[:args.seeds] for m in args.methods for r in settings_for(m)
+                if not args.regularizers or r in args.regularizers]
+    intro = (f"{len(settings)} runs: {', '.join(args.methods)}; {args.seeds} seed(s); {args.steps} steps; "
+             f"{args.images} images per prompt. 95% t-intervals over seeds.")
+    results, report, seconds = run_experiment(settings, Path(args.output), title="accord lab bench", intro=intro,
+                                              weights=args.weights, progress=not args.no_progress)
+    print(format_table(summarize(results)))
+    print(f"\nreport: {report}  ({seconds / 60:.1f} min)")
+    return 0
+
+
+def run(args) -> int:
+    if args.lab_command == "pretrain":
+        return _pretrain(args)
+    if args.lab_command == "bench":
+        return _bench(args)
+    print("usage: accord lab {pretrain,bench} ... (see accord lab --help)")
+    return 2

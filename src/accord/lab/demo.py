@@ -1,0 +1,46 @@
+"""``accord demo``: LoRA with and without ACCORD's DDLoss on the lab's coupling task, on a CPU in minutes.
+
+The lab model (shipped with accord) is fine-tuned on five references of a red checkered ``sks circle``
+that always stands next to a yellow triangle; each run then draws the fixed evaluation prompts, most of
+which do not ask for the triangle, and the lab's detector counts how often it appears anyway (the leak
+rate), whether the prompt was followed and whether the subject kept its look. The report is
+``<output>/report.html``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--output", default="accord-demo", help="run folder (report.html, samples, results)")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per setting (CIs are over seeds)")
+    parser.add_argument("--steps", type=int, default=150, help="LoRA training steps per run")
+    parser.add_argument("--images", type=int, default=4, help="images per evaluation prompt")
+    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per image")
+    parser.add_argument("--weights", help="lab weights folder (default: the shipped one)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from ..errors import AccordError
+    from .experiment import run_experiment
+    from .report import format_table, summarize
+    from .runner import DD_WEIGHT, Setting
+    from .task import SEEDS
+
+    if not 1 <= args.seeds <= len(SEEDS):
+        raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(SEEDS)} (the task's fixed seeds)")
+    settings = [Setting(method="lora", regularizer=reg, seed=seed, steps=args.steps, images_per_prompt=args.images,
+                        sample_steps=args.sample_steps, checkpoints=2)
+                for seed in SEEDS[:args.seeds] for reg in ("none", "dd")]
+    intro = (f"LoRA (rank 8, {args.steps} steps) on the lab model, without and with DDLoss (weight {DD_WEIGHT}), "
+             f"{args.seeds} seed(s), {args.images} images per prompt. Leak rate: the yellow triangle that accompanies "
+             "the subject in every reference appears although the prompt does not ask for it. 95% intervals over seeds.")
+    results, report, seconds = run_experiment(settings, Path(args.output), title="accord demo: concept coupling",
+                                              intro=intro, weights=args.weights, progress=not args.no_progress)
+    print(format_table(summarize(results)))
+    print(f"\nreport: {report}  ({seconds / 60:.1f} min)")
+    return 0

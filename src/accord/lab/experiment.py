@@ -1,0 +1,65 @@
+"""Run a list of lab settings (resuming finished ones), then write the report: shared by
+``accord demo`` and ``accord lab bench``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .report import format_table, sample_grid, summarize, write_report
+from .runner import Setting, run_setting
+
+__all__ = ["run_experiment", "quiet"]
+
+
+def quiet() -> None:
+    """Silence library chatter (load reports, deprecation notes) so the progress bars stay readable."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("accord").setLevel(logging.WARNING)
+
+
+def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: str, notes: str = "",
+                   weights: Path | None = None, progress: bool = True) -> tuple[list[dict], Path, float]:
+    from tqdm.auto import tqdm
+
+    from .judge import Judge
+
+    quiet()
+    t0 = time.time()
+    judge = Judge(weights)
+    results = []
+    bar = tqdm(settings, desc="lab runs", disable=not progress)
+    for s in bar:
+        bar.set_postfix_str(s.name)
+        done = folder / "runs" / s.name / "result.json"
+        if done.is_file() and json.loads(done.read_text())["setting"]["steps"] == s.steps:
+            results.append(json.loads(done.read_text()))
+            continue
+        results.append(run_setting(s, folder, judge, weights=weights, progress=progress))
+    grids = {}
+    first_seed = min(s.seed for s in settings)
+    for r in results:
+        if r["setting"]["seed"] == first_seed:
+            images = np.load(folder / "runs" / r["name"] / "samples.npy")
+            key = f"{r['setting']['method']} + {r['setting']['regularizer']}"
+            grids[key] = sample_grid(r, images, folder / f"samples-{r['name']}.png")
+    seconds = time.time() - t0
+    report = write_report(folder, results, title=title, intro=intro + f" Wall time: {seconds / 60:.1f} min.",
+                          grids=grids, notes=notes)
+    (folder / "summary.md").write_text(format_table(summarize(results)) + "\n")
+    (folder / "results.json").write_text(json.dumps(results))
+    return results, report, seconds

@@ -1,0 +1,280 @@
+"""``accord lab pretrain``: the lab's miniature models, trained from scratch on the world, seeded.
+
+Stages (each writes into ``<out>/stages/`` and can run in its own process):
+
+1. ``vae``      — ``AutoencoderKL`` 32 px → 8×8×4, L1 + LPIPS-free MSE + a small KL; scaling factor = 1/std.
+2. ``clip``     — mini-CLIP: text tower + image tower, symmetric InfoNCE (Radford et al., 2021) on
+                  (render, caption) pairs.
+3. ``detector`` — per-attribute classifier on fresh renders (blur/noise augmented, all patterns).
+4. ``unet``     — ``UNet2DConditionModel`` on the frozen text tower, epsilon prediction, 10% empty captions
+                  (classifier-free guidance); needs ``vae`` and ``clip``.
+5. ``assemble`` — a ``StableDiffusionPipeline`` folder + mini-CLIP image tower + detector, as safetensors.
+
+The checkered pattern (the personal subject's look) is kept out of the CLIP and UNet corpora.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import models as M
+from .world import BACKGROUNDS, COLORS, PATTERNS, PLACES, PRETRAIN_PATTERNS, SHAPES, random_caption, random_scene, render
+
+__all__ = ["Recipe", "STAGES", "run_stage", "to_tensor", "labels_of"]
+
+STAGES = ("vae", "clip", "detector", "unet", "assemble")
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    vae_steps: int = 300
+    clip_steps: int = 200
+    detector_steps: int = 800
+    unet_steps: int = 1500
+    batch: int = 48
+    pool: int = 20000  # scenes cached for the UNet stage
+
+    @classmethod
+    def smoke(cls) -> "Recipe":
+        return cls(vae_steps=3, clip_steps=3, detector_steps=3, unet_steps=3, batch=8, pool=64)
+
+
+def to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """uint8 HWC image(s) → float NCHW in [-1, 1]."""
+    arr = np.stack(images) if isinstance(images, list) else images
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def labels_of(scene) -> dict[str, int]:
+    """Detector targets (-1 = ignore) for one scene."""
+    out = {"background": list(BACKGROUNDS).index(scene.background)}
+    for s in SHAPES:
+        o = scene.find(s)
+        out[f"{s}.present"] = int(o is not None)
+        out[f"{s}.color"] = list(COLORS).index(o.color) if o else -1
+        out[f"{s}.pattern"] = PATTERNS.index(o.pattern) if o else -1
+        out[f"{s}.place"] = PLACES.index(o.place) if o else -1
+    return out
+
+
+def _batch(rng: random.Random, n: int, patterns) -> tuple[list, torch.Tensor]:
+    scenes = [random_scene(rng, patterns=patterns) for _ in range(n)]
+    return scenes, to_tensor([render(s) for s in scenes])
+
+
+def _log(out: Path, stage: str, step: int, total: int, t0: float, **values) -> None:
+    text = " ".join(f"{k}={v:.4f}" for k, v in values.items())
+    line = f"[{stage}] step {step}/{total} {time.time() - t0:.0f}s {text}"
+    print(line, flush=True)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Blur a random half and add noise: generated images are softer than renders."""
+    n = x.shape[0]
+    k = torch.tensor([[1.0, 2.0, 1.0]]) / 4
+    kernel = (k.T @ k).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    mix = torch.rand(n, 1, 1, 1, generator=g) * (torch.rand(n, 1, 1, 1, generator=g) < 0.5)
+    x = x * (1 - mix) + blurred * mix
+    return x + torch.randn(x.shape, generator=g) * torch.rand(n, 1, 1, 1, generator=g) * 0.08
+
+
+def train_vae(out: Path, r: Recipe) -> None:
+    torch.manual_seed(r.seed)
+    rng = random.Random(r.seed)
+    vae = M.lab_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, r.vae_steps)
+    t0 = time.time()
+    for step in range(1, r.vae_steps + 1):
+        _, x = _batch(rng, r.batch // 2, PATTERNS)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == r.vae_steps:
+            _log(out, "vae", step, r.vae_steps, t0, loss=loss.item(), mse=F.mse_loss(rec, x).item())
+    with torch.no_grad():
+        _, x = _batch(rng, 256, PATTERNS)
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out / "stages" / "vae")
+
+
+def clip_loss(img_feat, txt_feat, logit_scale) -> torch.Tensor:
+    img, txt = F.normalize(img_feat, dim=-1), F.normalize(txt_feat, dim=-1)
+    logits = logit_scale.exp() * img @ txt.T
+    labels = torch.arange(len(img))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def tokenize(tok, captions: list[str]) -> torch.Tensor:
+    return tok(captions, padding="max_length", max_length=M.TEXT_LEN, truncation=True, return_tensors="pt").input_ids
+
+
+def train_clip(out: Path, r: Recipe) -> None:
+    torch.manual_seed(r.seed + 1)
+    rng = random.Random(r.seed + 1)
+    tok, text, image = M.tokenizer(), M.mini_clip_text(), M.ImageTower()
+    logit_scale = torch.nn.Parameter(torch.tensor(np.log(10.0), dtype=torch.float32))
+    params = list(text.parameters()) + list(image.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=r.clip_steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(r.seed)
+    t0 = time.time()
+    for step in range(1, r.clip_steps + 1):
+        scenes, x = _batch(rng, 2 * r.batch, PRETRAIN_PATTERNS)
+        ids = tokenize(tok, [random_caption(rng, s) for s in scenes])
+        loss = clip_loss(image(_augment(x, g)), text(ids).text_embeds, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            logit_scale.clamp_(0, np.log(100.0))
+        if step % 25 == 0 or step == r.clip_steps:
+            _log(out, "clip", step, r.clip_steps, t0, loss=loss.item(), scale=logit_scale.exp().item())
+    d = out / "stages" / "clip"
+    text.save_pretrained(d / "text")
+    from safetensors.torch import save_file
+
+    save_file({**image.state_dict(), "logit_scale": logit_scale.detach().reshape(1)}, d / "image_tower.safetensors")
+
+
+def train_detector(out: Path, r: Recipe) -> None:
+    torch.manual_seed(r.seed + 2)
+    rng = random.Random(r.seed + 2)
+    det = M.Detector()
+    opt = torch.optim.AdamW(det.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=r.detector_steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(r.seed)
+    t0 = time.time()
+    for step in range(1, r.detector_steps + 1):
+        scenes, x = _batch(rng, r.batch, PATTERNS)
+        targets = [labels_of(s) for s in scenes]
+        logits = det(_augment(x, g))
+        loss = sum(F.cross_entropy(v, torch.tensor([t[k] for t in targets]), ignore_index=-1) for k, v in logits.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == r.detector_steps:
+            _log(out, "detector", step, r.detector_steps, t0, loss=loss.item())
+    from safetensors.torch import save_file
+
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    save_file(det.state_dict(), out / "stages" / "detector.safetensors")
+
+
+def train_unet(out: Path, r: Recipe) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(r.seed + 3)
+    rng = random.Random(r.seed + 3)
+    vae = AutoencoderKL.from_pretrained(out / "stages" / "vae").eval()
+    text = CLIPTextModel.from_pretrained(out / "stages" / "clip" / "text").eval()
+    tok = M.tokenizer()
+    # Cache the corpus: VAE posteriors of `pool` scenes, and text states of one caption per scene + "".
+    t0 = time.time()
+    means, stds, embeds = [], [], []
+    with torch.no_grad():
+        for i in range(0, r.pool, 256):
+            scenes, x = _batch(rng, min(256, r.pool - i), PRETRAIN_PATTERNS)
+            post = vae.encode(x).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+            embeds.append(text(tokenize(tok, [random_caption(rng, s) for s in scenes]))[0].half())
+        empty = text(tokenize(tok, [""]))[0]
+    means, stds, embeds = torch.cat(means), torch.cat(stds), torch.cat(embeds)
+    print(f"[unet] cached {len(means)} scenes in {time.time() - t0:.0f}s", flush=True)
+    scale = vae.config.scaling_factor
+    unet = M.lab_unet()
+    noise_sched = DDPMScheduler.from_config(M.lab_scheduler().config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=r.unet_steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(r.seed)
+    t0 = time.time()
+    for step in range(1, r.unet_steps + 1):
+        idx = torch.randint(0, len(means), (r.batch,), generator=g)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
+        cond = embeds[idx].float()
+        drop = torch.rand(r.batch, generator=g) < 0.1
+        cond[drop] = empty
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (r.batch,), generator=g)
+        pred = unet(noise_sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == r.unet_steps:
+            _log(out, "unet", step, r.unet_steps, t0, loss=loss.item())
+        if step % 250 == 0 or step == r.unet_steps:
+            unet.save_pretrained(out / "stages" / "unet")
+
+
+def assemble(out: Path, r: Recipe) -> Path:
+    """Write ``<out>/sd`` (a StableDiffusionPipeline folder) and ``<out>/mini_clip_image.safetensors``,
+    ``<out>/detector.safetensors``."""
+    import shutil
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    st = out / "stages"
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(st / "vae"), unet=UNet2DConditionModel.from_pretrained(st / "unet"),
+        text_encoder=CLIPTextModel.from_pretrained(st / "clip" / "text"), tokenizer=M.tokenizer(),
+        scheduler=M.lab_scheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out / "sd")
+    # The text encoder folder keeps CLIP's projection too, so CLIPTextModelWithProjection loads from it
+    # (PDLoss's accord.pd_clip and the CLIP-T analog); CLIPTextModel ignores the extra weight.
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(st / "clip" / "text" / name, out / "sd" / "text_encoder" / name)
+    shutil.copy(st / "clip" / "image_tower.safetensors", out / "mini_clip_image.safetensors")
+    shutil.copy(st / "detector.safetensors", out / "detector.safetensors")
+    # Stored in float16 to keep the repository small; diffusers and transformers load them as float32.
+    for f in [*(out / "sd").glob("*/*.safetensors"), out / "mini_clip_image.safetensors", out / "detector.safetensors"]:
+        _to_fp16(f)
+    return out / "sd"
+
+
+def _to_fp16(path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, path, metadata=meta)
+
+
+def run_stage(stage: str, out: Path, recipe: Recipe) -> float:
+    """Run one stage; returns its wall time in seconds (also appended to ``<out>/recipe.json``)."""
+    fn = {"vae": train_vae, "clip": train_clip, "detector": train_detector, "unet": train_unet, "assemble": assemble}[stage]
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    fn(out, recipe)
+    seconds = time.time() - t0
+    log = out / f"recipe-{stage}.json"
+    log.write_text(json.dumps({"stage": stage, "seconds": round(seconds, 1), "recipe": recipe.__dict__,
+                               "threads": torch.get_num_threads(), "torch": torch.__version__}, indent=1))
+    return seconds

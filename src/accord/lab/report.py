@@ -1,0 +1,163 @@
+"""Aggregate lab results across seeds (mean and 95% t-interval, seeds as the unit), draw the figures and
+write the HTML report."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["METRICS", "per_seed", "summarize", "ci95", "format_table", "write_report"]
+
+METRICS = ("leak", "text", "fidelity", "clip_t", "clip_i")
+_LABEL = {"leak": "leak rate", "text": "text accuracy", "fidelity": "fidelity", "clip_t": "mini-CLIP-T",
+          "clip_i": "mini-CLIP-I"}
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def ci95(values) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t interval (nan half-width for one value)."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float(v.mean()) if len(v) else float("nan"), float("nan")
+    t = _T975.get(len(v) - 1, 1.96)
+    return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def per_seed(result: dict, category: str | None = None) -> dict[str, float]:
+    """One run's metric means; the leak rate counts only prompts that do not ask for the coupled object."""
+    rows = [r for r in result["rows"] if category is None or r["category"] == category]
+    out = {}
+    for m in METRICS:
+        use = [r for r in rows if not (m == "leak" and r["asks_coupled"])]
+        out[m] = float(np.mean([r[m] for r in use])) if use else float("nan")
+    return out
+
+
+def summarize(results: list[dict], category: str | None = None) -> list[dict]:
+    """One row per (method, regularizer): each metric's mean and CI over seeds, and the seed count."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in results:
+        groups[(r["setting"]["method"], r["setting"]["regularizer"])].append(per_seed(r, category))
+    rows = []
+    for (method, reg), seeds in groups.items():
+        row = {"method": method, "regularizer": reg, "seeds": len(seeds)}
+        for m in METRICS:
+            row[m] = ci95([s[m] for s in seeds])
+        rows.append(row)
+    return rows
+
+
+def _fmt(m: str, mean: float, half: float) -> str:
+    scale = 100 if m in ("leak", "text", "fidelity") else 1
+    unit = "%" if scale == 100 else ""
+    if math.isnan(half):
+        return f"{mean * scale:.1f}{unit}"
+    return f"{mean * scale:.1f} ± {half * scale:.1f}{unit}"
+
+
+def format_table(rows: list[dict], markdown: bool = True) -> str:
+    head = ["method", "regularizer", "seeds", *[_LABEL[m] for m in METRICS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], r["regularizer"], str(r["seeds"]), *[_fmt(m, *r[m]) for m in METRICS]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _html_table(rows: list[dict]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ["method", "regularizer", "seeds", *[_LABEL[m] for m in METRICS]])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in
+                         [r["method"], r["regularizer"], r["seeds"], *[_fmt(m, *r[m]) for m in METRICS]]) + "</tr>"
+        for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def leak_bars(rows: list[dict], path: Path, title: str = "leak rate (coupled object appears unasked)") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['method']}\n{r['regularizer']}" for r in rows]
+    means = [100 * r["leak"][0] for r in rows]
+    errs = [0 if math.isnan(r["leak"][1]) else 100 * r["leak"][1] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 1), 3.2))
+    ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=["#c44" if r["regularizer"] == "none" else "#48c" for r in rows])
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("% of images (95% CI over seeds)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def shift_curves(results: list[dict], path: Path) -> Path:
+    """Fig. 6 analog: mean |Δ| (Eq. 7) on the reference captions over training, per setting (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list] = defaultdict(list)
+    for r in results:
+        if r.get("dependence_shift"):
+            groups[f"{r['setting']['method']} {r['setting']['regularizer']}"].append(r["dependence_shift"])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, curves in groups.items():
+        steps = sorted({int(k) for c in curves for k in c})
+        ys = [np.mean([c[str(s)] for c in curves if str(s) in c]) for s in steps]
+        ax.plot(steps, ys, marker="o", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean |Δ| per element (nats)")
+    ax.set_title("dependence shift over training (Fig. 6 analog)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sample_grid(result: dict, images: np.ndarray, path: Path, scale: int = 3) -> Path:
+    """Rows = prompts, columns = images of one run, upscaled (nearest) for viewing."""
+    from PIL import Image
+
+    n = result["setting"]["images_per_prompt"]
+    rows = [np.concatenate(list(images[i * n:(i + 1) * n]), axis=1) for i in range(len(images) // n)]
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    return path
+
+
+def write_report(folder: Path, results: list[dict], *, title: str, intro: str, grids: dict[str, Path],
+                 notes: str = "") -> Path:
+    """``<folder>/report.html`` with the overall and per-category tables and the figures."""
+    from .task import CATEGORIES, PROMPTS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    overall = summarize(results)
+    leak_bars(overall, folder / "leak_rates.png")
+    shift_curves(results, folder / "dependence_shift.png")
+    parts = [f"<h1>{html.escape(title)}</h1><p>{intro}</p>", "<h2>All prompts</h2>", _html_table(overall),
+             '<p><img src="leak_rates.png"> <img src="dependence_shift.png"></p>']
+    if notes:
+        parts.append(f"<h2>Reading the numbers</h2><p>{notes}</p>")
+    parts.append("<h2>Per prompt category (Appendix H)</h2>")
+    for c in CATEGORIES:
+        parts += [f"<h3>{c}</h3>", _html_table(summarize(results, c))]
+    parts.append("<h2>Samples</h2><p>Rows: the evaluation prompts below, in order; columns: images (first seed).</p>")
+    parts.append("<ol>" + "".join(f"<li>[{p.category}] {html.escape(p.text)}</li>" for p in PROMPTS) + "</ol>")
+    parts.append("<div style='display:flex;gap:16px;flex-wrap:wrap'>" + "".join(
+        f"<figure><img src='{html.escape(p.name)}'><figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, p in grids.items()) + "</div>")
+    style = "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}</style>"
+    out = folder / "report.html"
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}</head><body>"
+                   + "".join(parts) + "</body></html>")
+    return out
