@@ -78,12 +78,22 @@ class Method:
         """Hook after each optimizer step (textual inversion restores the rows it does not learn)."""
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def unwrapped_modules(self) -> list[torch.nn.Module]:
+        """``trainable_modules`` without accelerate's DDP/compile wrappers (for saving)."""
+        from accelerate.utils import extract_model_from_parallel
+
+        return [extract_model_from_parallel(m) for m in self.trainable_modules()]
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors, for resumable checkpoints (saved as safetensors)."""
-        raise NotImplementedError
+        state = {}
+        for i, module in enumerate(self.unwrapped_modules()):
+            state.update(named_trainable_state(module, f"m{i}"))
+        return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        for i, module in enumerate(self.unwrapped_modules()):
+            load_named_state(module, f"m{i}", state)
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, output_dir: Path) -> list[Path]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Method, load_named_state, named_trainable_state, register
+from .base import Method, register
 
 
 @register
@@ -27,21 +27,6 @@ class DreamBooth(Method):
 
     def trainable_modules(self):
         return [self.backbone.denoiser, *(self.backbone.text_encoders if self.trains_text else [])]
-
-    def _unwrapped(self):
-        from accelerate.utils import extract_model_from_parallel
-
-        return [extract_model_from_parallel(m) for m in self.trainable_modules()]
-
-    def trainable_state(self):
-        state = {}
-        for i, module in enumerate(self._unwrapped()):
-            state.update(named_trainable_state(module, f"m{i}"))
-        return state
-
-    def load_trainable_state(self, state):
-        for i, module in enumerate(self._unwrapped()):
-            load_named_state(module, f"m{i}", state)
 
     def save(self, output_dir: Path) -> list[Path]:
         output_dir = Path(output_dir)

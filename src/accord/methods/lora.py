@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Method, load_named_state, named_trainable_state, register
+from .base import Method, register
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -57,27 +57,12 @@ class LoRA(Method):
             mods += list(self.backbone.text_encoders)
         return mods
 
-    def _unwrapped(self):
-        from accelerate.utils import extract_model_from_parallel
-
-        return [extract_model_from_parallel(m) for m in self.trainable_modules()]
-
-    def trainable_state(self):
-        state = {}
-        for i, module in enumerate(self._unwrapped()):
-            state.update(named_trainable_state(module, f"m{i}"))
-        return state
-
-    def load_trainable_state(self, state):
-        for i, module in enumerate(self._unwrapped()):
-            load_named_state(module, f"m{i}", state)
-
     def save(self, output_dir: Path) -> list[Path]:
         from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        modules = self._unwrapped()
+        modules = self.unwrapped_modules()
         denoiser = get_peft_model_state_dict(modules[0])
         if self.backbone.denoiser_name == "unet":  # transformers keep peft keys, as diffusers' flux/sd3 scripts do
             denoiser = convert_state_dict_to_diffusers(denoiser)
