@@ -108,6 +108,24 @@ class AccordConfig:
 
 
 @dataclass
+class RegularizerConfig:
+    """Comparator regularizers from other papers, in the same loop (docs/regularizers.md)."""
+
+    sude_weight: float = _f(
+        0.0, "Facechain-SuDe derived-class loss weight (Qiao et al. 2024; its README uses 0.8-1.6 on its own scale); "
+        "on accord.dd_reduction's scale; 0 disables and skips its class-prompt and empty-prompt passes"
+    )
+    sude_truncation: float = _f(
+        0.0, "SuDe loss truncation: a sample's SuDe term is 0 once -log p(class | x_t-1) falls to this many nats "
+        "(0: probability 1)"
+    )
+    classdiffusion_weight: float = _f(
+        0.0, "ClassDiffusion semantic preservation loss weight (1 - cos of personal and class phrase features); "
+        "0 disables; for methods that train the text side"
+    )
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = _f("accord-output", "where checkpoints, logs, samples and the final weights go")
     overwrite_output_dir: bool = _f(False, "allow starting a new run in a folder that already holds one")
@@ -150,6 +168,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     accord: AccordConfig = field(default_factory=AccordConfig)
+    regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
@@ -160,7 +179,10 @@ class Config:
             raise ConfigError("data.instance_dir is empty: give the folder of reference images")
         if not self.data.class_noun:
             raise ConfigError("data.class_noun is empty: give the superclass noun of the subject, e.g. 'backpack'")
-        for key, value in (("accord.dd_weight", self.accord.dd_weight), ("accord.pd_weight", self.accord.pd_weight)):
+        weights = (("accord.dd_weight", self.accord.dd_weight), ("accord.pd_weight", self.accord.pd_weight),
+                   ("regularizers.sude_weight", self.regularizers.sude_weight),
+                   ("regularizers.classdiffusion_weight", self.regularizers.classdiffusion_weight))
+        for key, value in weights:
             if value < 0:
                 raise ConfigError(f"{key}={value} is negative; use 0 to disable or a positive weight")
         if self.accord.dd_batch is not None and self.accord.dd_batch < 1:
@@ -253,7 +275,9 @@ def _unknown(path: str, key: str, allowed: list[str]) -> ConfigError:
 def config_from_dict(data: dict | None) -> Config:
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError("the config file must be a mapping of sections (model, data, method, accord, train)")
+        raise ConfigError(
+            "the config file must be a mapping of sections (model, data, method, accord, regularizers, train)"
+        )
     classes = _section_classes()
     sections = {}
     for key in data:
@@ -311,7 +335,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, method, accord, train)")
+            raise ConfigError(
+                f"{path}: the config must be a mapping of sections (model, data, method, accord, regularizers, train)"
+            )
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data).validate()
 

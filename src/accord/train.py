@@ -227,7 +227,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
         reg, total = config.regularizers, 0.0
         if reg.sude_weight > 0:
             value = _sude_term(config, backbone, text, pred_subject, noisy[:n_inst], timesteps[:n_inst],
-                               captions[:n_inst], superclass)
+                               captions[:n_inst], superclass, None if micro is None else micro[:n_inst])
             parts["sude"] = value.detach()
             total = total + reg.sude_weight * value
         if reg.classdiffusion_weight > 0 and method.trains_text:
@@ -344,13 +344,13 @@ def _pd_term(backbone, personal: list[str], general: list[str], superclass: str,
 
 
 def _sude_term(config: Config, backbone, text, pred_subject, noisy, timesteps, captions: list[str],
-               superclass: str) -> torch.Tensor:
+               superclass: str, micro: torch.Tensor | None) -> torch.Tensor:
     """SuDe: the category prompt (each caption with the class noun for the trigger) and the empty prompt
     on the same noisy samples, as one forward without gradient, against the subject (joint) prediction."""
     n = len(captions)
     with torch.no_grad():
-        cond = Conditioning.cat([text(_superclass_prompts(captions, superclass, config.data.trigger), False),
-                                 text([""] * n, False)])
+        cond = Conditioning.cat([_with_micro(text(_superclass_prompts(captions, superclass, config.data.trigger), False),
+                                             micro), _with_micro(text([""] * n, False), micro)])
         rest = backbone.predict(noisy.repeat(2, *[1] * (noisy.dim() - 1)), timesteps.repeat(2), cond)
     per, _ = sude_loss(pred_subject, rest[:n], rest[n:], timesteps=timesteps, scheduler=backbone.noise_scheduler,
                        truncation=config.regularizers.sude_truncation, reduction=config.accord.dd_reduction)

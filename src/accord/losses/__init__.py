@@ -1,15 +1,20 @@
-"""The two ACCORD losses as pure tensor functions (no trainer, no model classes needed)."""
+"""The two ACCORD losses, and the comparators SuDe and ClassDiffusion, as pure tensor functions
+(no trainer, no model classes needed)."""
 
+from .classdiffusion import classdiffusion_loss
 from .dd import dd_loss, dependence_shift
 from .parameterization import Parameterization, UnsupportedSchedulerError
 from .pd import image_features, pd_loss, text_features
+from .sude import sude_loss
 
 __all__ = [
     "Parameterization",
     "UnsupportedSchedulerError",
+    "classdiffusion_loss",
     "dd_loss",
     "dependence_shift",
     "image_features",
     "pd_loss",
+    "sude_loss",
     "text_features",
 ]

@@ -1,0 +1,176 @@
+"""Comparator regularizers: SuDe and ClassDiffusion pinned in closed form, SuDe's truncation, where
+gradient flows, zero weights skip their passes, and short training runs log finite components."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from accord.config import RegularizerConfig
+from accord.errors import ConfigError
+from accord.losses import classdiffusion_loss, sude_loss
+from trainkit import make_refs
+from trainkit import tiny_config as _tiny
+
+
+def tiny_config(model, refs, out, regularizers=None, **sections):
+    """trainkit's tiny LoRA run with a ``regularizers`` section."""
+    config = _tiny(model, refs, out, **sections)
+    config.regularizers = RegularizerConfig(**(regularizers or {}))
+    return config.validate()
+
+# betas 0.1, 0.2, 0.3, 0.4: α_t = 1 − β_t, ᾱ = 0.9, 0.72, 0.504, 0.3024
+SCHED = DDPMScheduler(num_train_timesteps=4, beta_schedule="linear", beta_start=0.1, beta_end=0.4)
+
+
+def _preds(dist_cat: float, dist_null: float, batch: int = 1):
+    """subject = 0; ‖subject − category‖² = dist_cat, ‖subject − null‖² = dist_null over 4 elements."""
+    subject = torch.zeros(batch, 1, 2, 2, requires_grad=True)
+    category = torch.full((batch, 1, 2, 2), math.sqrt(dist_cat / 4), requires_grad=True)
+    null = torch.full((batch, 1, 2, 2), math.sqrt(dist_null / 4), requires_grad=True)
+    return subject, category, null
+
+
+def test_sude_pinned_vp_value():
+    # ε-model: β_t² / (2σ̃²·α_t·(1−ᾱ_t)) = β_t / (2·α_t·(1−ᾱ_{t−1})); t=2: 0.3 / (2·0.7·0.28) = 0.765306…
+    s, c, n = _preds(4.0, 1.0)
+    per, comps = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED, reduction="sum")
+    assert per.shape == (1,)
+    assert per.item() == pytest.approx(3 * 0.3 / (2 * 0.7 * 0.28), rel=1e-6)
+    assert per.item() == pytest.approx(2.2959184, rel=1e-6)
+    mean, _ = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED)
+    assert mean.item() == pytest.approx(2.2959184 / 4, rel=1e-6)  # per element of the 4-element sample
+    assert comps["sude_nats"].item() == pytest.approx(2.2959184, rel=1e-6) and comps["sude_active"].item() == 1
+    # no previous step at t = 0: no reverse step, no loss
+    assert sude_loss(s, c, n, timesteps=torch.tensor([0]), scheduler=SCHED)[0].item() == 0
+
+
+def test_sude_truncation_zeroes_the_loss_below_the_threshold():
+    s, c, n = _preds(4.0, 1.0)
+    t = torch.tensor([2])
+    kept = sude_loss(s, c, n, timesteps=t, scheduler=SCHED, truncation=2.0, reduction="sum")
+    cut = sude_loss(s, c, n, timesteps=t, scheduler=SCHED, truncation=2.5, reduction="sum")
+    assert kept[0].item() == pytest.approx(2.2959184, rel=1e-6)
+    assert cut[0].item() == 0 and cut[1]["sude_active"].item() == 0
+    assert cut[1]["sude_nats"].item() == pytest.approx(2.2959184, rel=1e-6)  # still logged untruncated
+    # closer to ∅ than to the category is a negative log-ratio: truncated at the default 0 nats (τ = 1)
+    s, c, n = _preds(1.0, 4.0)
+    per, comps = sude_loss(s, c, n, timesteps=t, scheduler=SCHED)
+    assert per.item() == 0 and comps["sude_nats"].item() == pytest.approx(-2.2959184, rel=1e-6)
+    per.sum().backward()
+    assert s.grad.abs().sum() == 0  # a truncated sample sends no gradient
+
+
+def test_sude_gradient_reaches_only_the_subject_prediction():
+    s, c, n = _preds(4.0, 1.0)
+    per, _ = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED, reduction="sum")
+    per.sum().backward()
+    assert c.grad is None and n.grad is None  # sg[·] of the paper
+    # d/ds of k·(‖s−c‖² − ‖s−n‖²) = 2k·(n − c), k = 0.765306…
+    expected = 2 * (0.3 / (2 * 0.7 * 0.28)) * (n.detach() - c.detach())
+    assert torch.allclose(s.grad, expected, rtol=1e-5)
+
+
+def test_classdiffusion_pinned_value_and_gradient():
+    f_p = torch.tensor([[1.0, 0.0], [2.0, 2.0]], requires_grad=True)
+    f_c = torch.tensor([1.0, 1.0], requires_grad=True)  # [E]: one class phrase for the batch
+    per, comps = classdiffusion_loss(f_p, f_c)
+    assert per.tolist() == pytest.approx([1 - 1 / math.sqrt(2), 0.0], abs=1e-6)
+    assert comps["cos_pc"].tolist() == pytest.approx([1 / math.sqrt(2), 1.0], abs=1e-6)
+    per.sum().backward()
+    assert f_c.grad is None  # the class anchor stays put; only the personal concept moves
+    # d(1 − cos)/df_p at f_p = (1, 0), f_c = (1, 1)/√2: −(f_c/‖f_c‖ − cos·f_p/‖f_p‖)/‖f_p‖ = (0, −1/√2)
+    assert f_p.grad[0].tolist() == pytest.approx([0.0, -1 / math.sqrt(2)], abs=1e-6)
+
+
+def test_negative_weights_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="regularizers.sude_weight=-1"):
+        tiny_config(tmp_path, tmp_path, tmp_path / "o", regularizers={"sude_weight": -1})
+
+
+# ---------------------------------------------------------------------------- in the trainer
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return tiny_model_dir("sd")
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    return make_refs(tmp_path_factory.mktemp("refs"))
+
+
+def _step(config):
+    """One micro-batch of compute_step on a fresh seeded model: (losses, UNet gradients, UNet forward batch
+    sizes, text-encoder forwards). Lean mode runs its own backward passes."""
+    from accelerate import Accelerator
+
+    from accord.backbones import load_backbone
+    from accord.methods import get_method
+    from accord.train import _Batches, _build_data, _TextCache, compute_step
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    backbone = load_backbone(config.model)
+    method = get_method(config.method.name)(config, backbone)
+    method.setup()
+    _, dataset, _ = _build_data(config, accelerator, backbone)
+    batch = _Batches(dataset, 2, 0, 0, 1, 1).get(0, 0)
+    unet, text = [], []
+    backbone.denoiser.register_forward_hook(lambda m, i, o: unet.append(i[0].shape[0]))
+    backbone.text_encoders[0].register_forward_hook(lambda m, i, o: text.append(1))
+    losses = compute_step(config, backbone, method, _TextCache(backbone, not method.trains_text), batch, None,
+                          torch.Generator().manual_seed(3), accelerator, "backpack")
+    if not losses.parts.get("lean_backward_done"):
+        losses.total.backward()
+    grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
+    return losses, grads, unet, len(text)
+
+
+def test_zero_weights_skip_the_extra_work(model, refs, tmp_path):
+    # (all weights 0: one UNet forward, test_train.py::test_zero_dd_weight_skips_the_extra_passes)
+    sude, _, unet, text = _step(tiny_config(model, refs, tmp_path / "s", accord={"dd_weight": 0.0},
+                                            regularizers={"sude_weight": 1.0}))
+    assert unet == [2, 4]  # joint with gradient; category + empty in one forward without
+    assert text == 3  # captions, category prompts, empty prompt (frozen text: encoded once, then cached)
+    assert "classdiffusion" not in sude.parts  # its weight is 0
+    assert torch.isfinite(sude.parts["sude"]) and sude.parts["sude"] >= 0
+    assert torch.allclose(sude.total.detach(), sude.parts["diffusion"] + sude.parts["sude"])
+    cd, _, unet, text_cd = _step(tiny_config(model, refs, tmp_path / "c", accord={"dd_weight": 0.0},
+                                             method={"train_text_encoder": True},
+                                             regularizers={"classdiffusion_weight": 0.5}))
+    assert unet == [2] and "sude" not in cd.parts  # SuDe's weight is 0: no extra UNet pass
+    assert text_cd == 3  # captions, then personal phrases (with gradient) and class phrases (without)
+    assert 0 <= cd.parts["classdiffusion"] <= 2
+    assert torch.allclose(cd.total.detach(), cd.parts["diffusion"] + 0.5 * cd.parts["classdiffusion"])
+
+
+def test_lean_mode_keeps_the_fast_gradient_with_sude(model, refs, tmp_path):
+    def run(mode):  # truncation far below any value: SuDe always contributes here
+        return _step(tiny_config(model, refs, tmp_path / mode, accord={"dd_weight": 0.3, "mode": mode},
+                                 regularizers={"sude_weight": 1.0, "sude_truncation": -1e9}))
+
+    fast, g_fast, unet_fast, _ = run("fast")
+    lean, g_lean, unet_lean, _ = run("lean")
+    assert unet_fast == [4, 4, 4] and unet_lean == [6, 2, 4, 2]
+    assert fast.parts["sude"] != 0 and torch.allclose(fast.total, lean.total, rtol=1e-5)
+    for name in g_fast:
+        assert torch.allclose(g_fast[name], g_lean[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_two_step_run_logs_finite_components(model, refs, tmp_path, capsys):
+    from accord.train import train
+
+    config = tiny_config(model, refs, tmp_path / "run", method={"train_text_encoder": True},
+                         regularizers={"sude_weight": 0.5, "classdiffusion_weight": 0.1},
+                         train={"max_steps": 2})
+    train(config, progress=False)
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step 2/2")][0]
+    logged = {k: float(v) for k, v in re.findall(r"(\w+)=([-+0-9.eEinfa]+)", line)}
+    for name in ("loss", "diffusion", "dd", "sude", "classdiffusion"):
+        assert name in logged and math.isfinite(logged[name]), (name, line)
