@@ -31,5 +31,5 @@ def tiny_config(model: Path, refs: Path, out: Path, **sections) -> Config:
                   "log_every": 1000, "learning_rate": 1e-3},
     }
     for name, values in sections.items():
-        data[name].update(values)
+        data.setdefault(name, {}).update(values)
     return config_from_dict(data).validate()

@@ -105,6 +105,9 @@ def save_checkpoint(output_dir: Path, step: int, *, method, optimizer, lr_schedu
 def load_checkpoint(path: Path, *, method, optimizer, lr_scheduler, config_dict: dict) -> dict:
     """Restore trained tensors, optimizer and scheduler; refuse a checkpoint of a different config."""
     saved = yaml.safe_load((path / CONFIG_FILE).read_text())
+    from .config import config_from_dict, config_to_dict
+
+    saved = config_to_dict(config_from_dict(saved))  # keys added since the checkpoint read as their defaults
     differing = _differences(saved, config_dict, ignore={("train", "max_steps"), ("train", "output_dir"),
                                                           ("train", "overwrite_output_dir")})
     if differing:

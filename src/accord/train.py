@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,7 +298,8 @@ def _superclass_prompts(prompts: list[str], superclass: str, trigger: str) -> li
     """Each prompt with the class noun in place of the trigger (c_s for PDLoss, SuDe, ClassDiffusion)."""
     from .data.captions import trigger_pattern
 
-    pattern = trigger_pattern(trigger)
+    # "1 sks backpack" → "1 backpack" (the noun already follows the trigger); "sks on a table" → "backpack on a table".
+    pattern = re.compile(rf"{trigger_pattern(trigger).pattern}(\s+{re.escape(superclass)}(?!\w))?", re.IGNORECASE)
     return [" ".join(pattern.sub(superclass, p).split()) for p in prompts]
 
 
