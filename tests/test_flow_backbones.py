@@ -92,6 +92,8 @@ def test_flow_timesteps_lie_on_the_training_sigma_grid(tiny_model_dir, refs, tmp
     assert 0 < float(sigma.min()) and float(sigma.max()) <= 1
     # logit-normal concentrates mass in the middle (shift 3 moves it up): few samples at the ends
     assert float(((sigma < 0.05) | (sigma > 0.995)).float().mean()) < 0.1
+    # PDLoss features: CLIP-G's end-of-text state through its projection (projection_dim 32 in the fixture)
+    assert backbone.projected_text_features(["a sks backpack", "girl"]).shape == (2, 32)
 
 
 @pytest.mark.parametrize(
