@@ -304,3 +304,19 @@ def test_sdxl_buckets_feed_each_sample_its_size_conditioning(tiny_model_dir, tmp
     targets = {tuple(r[4:].tolist()) for r in rows}
     assert len(targets) >= 2, f"expected a wide and a square bucket, got {targets}"
     assert any(r[1] > r[0] for r in rows), "the 2:1 image's original size is wider than tall"
+
+
+def test_lora_alpha_survives_the_stock_loader(model, refs, tmp_path):
+    """alpha ≠ rank: the stock loader must apply the same scale the trained model had."""
+    from diffusers import StableDiffusionPipeline
+
+    from accord.train import train
+
+    out = train(tiny_config(model, refs, tmp_path / "alpha", method={"lora_rank": 4, "lora_alpha": 16},
+                            train={"max_steps": 2}), progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    scales = {m.scaling["default_0"] for m in pipe.unet.modules() if hasattr(m, "scaling") and m.scaling}
+    assert scales == {4.0}, scales  # alpha / rank
+    kohya = load_file(str(out / "lora_kohya.safetensors"))
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {16.0}

@@ -71,7 +71,11 @@ class LoRA(Method):
             names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
             for name, encoder in zip(names, modules[1:]):
                 layers[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
-        self.backbone.pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **layers)
+        # Without the adapter config stock loaders assume alpha = rank and load at the wrong strength.
+        metadata = {name.replace("_layers", "_adapter_metadata"): self._adapter_config(module)
+                    for name, module in zip(layers, modules)}
+        self.backbone.pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **layers,
+                                                       **{k: v for k, v in metadata.items() if v is not None})
         if self.backbone.denoiser_name != "unet":
             import logging
 
@@ -90,6 +94,16 @@ class LoRA(Method):
         pipeline.unload_lora_weights()
         return True
 
+
+    def _adapter_config(self, module) -> dict | None:
+        config = getattr(module, "peft_config", {}).get("default")
+        if config is None:  # text encoders get their adapters injected without a peft_config attribute
+            from peft import LoraConfig
+
+            m = self.config.method
+            config = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha if m.lora_alpha is not None else m.lora_rank,
+                                target_modules=list(m.text_lora_targets))
+        return config.to_dict()
 
     def _kohya_state(self, modules) -> dict[str, torch.Tensor]:
         """kohya/A1111/ComfyUI keys (``lora_unet_*``, ``lora_te_*`` for SD 1/2, ``lora_te1_/lora_te2_*`` for
