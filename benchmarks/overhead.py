@@ -57,6 +57,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
+
+from accord.backbones.base import Backbone  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -124,7 +126,7 @@ def real_cases(methods=None) -> list[Case]:
 # ---------------------------------------------------------------------------- the stand-in backbone (--real)
 
 
-class LatentBackbone:
+class LatentBackbone(Backbone):  # device, frozen_modules, check_config, ... from the base
     """A real-size UNet without VAE and text encoders (both frozen; not what is measured).
 
     ``encode_images`` returns its input: the fixed batch's ``pixel_values`` already hold latents.
@@ -142,17 +144,6 @@ class LatentBackbone:
         self.resolution = resolution
         self.prompt_transform = None
         self.source = f"random {family} UNet"
-
-    # the Backbone helpers the loop and the methods use
-    @property
-    def device(self):
-        return next(self.denoiser.parameters()).device
-
-    def frozen_modules(self):
-        return [self.denoiser]
-
-    def prepare_prompts(self, prompts):
-        return list(prompts) if self.prompt_transform is None else [self.prompt_transform(p) for p in prompts]
 
     def _random(self, prompt: str, *shape) -> torch.Tensor:
         seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
