@@ -33,7 +33,7 @@ def _f(default, help: str, choices: tuple | None = None, **kwargs):
 
 
 BACKBONES = ("auto", "sd", "sdxl", "flux", "sd3")
-METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
+METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 
 
@@ -86,6 +86,15 @@ class MethodConfig:
     num_vectors: int = _f(1, "textual inversion: vectors per learned token")
     modifier_token: str = _f("<new1>", "custom diffusion: the modifier token (use it as data.trigger)")
     train_q_out: bool = _f(False, "custom diffusion: also train to_q and to_out of cross-attention")
+    image_encoder: str = _f(
+        "", "visual_encoder / ip_adapter: a CLIPVisionModelWithProjection (hub id or folder), e.g. "
+        "'openai/clip-vit-large-patch14' or 'h94/IP-Adapter' with image_encoder_subfolder 'models/image_encoder'"
+    )
+    image_encoder_subfolder: str | None = _f(None, "visual_encoder / ip_adapter: subfolder of image_encoder")
+    image_tokens: int = _f(4, "visual_encoder: image tokens the MLP adds to the text tokens (ip_adapter: always 4)")
+    image_dropout: float = _f(0.05, "ip_adapter: probability a sample's image is dropped (zero embedding; for CFG)")
+    text_dropout: float = _f(0.05, "ip_adapter: probability a sample's caption is dropped (empty prompt; for CFG)")
+    both_dropout: float = _f(0.05, "ip_adapter: probability both are dropped")
 
 
 @dataclass
@@ -201,6 +210,16 @@ class Config:
                 f"data.trigger={self.data.trigger!r} differs from method.modifier_token="
                 f"{self.method.modifier_token!r}: custom diffusion learns the modifier token, set both to the same token"
             )
+        if self.method.name in ("visual_encoder", "ip_adapter"):
+            if not self.method.image_encoder:
+                raise ConfigError(f"method.image_encoder is empty: {self.method.name} needs a CLIPVisionModelWithProjection, "
+                                  "e.g. 'openai/clip-vit-large-patch14'")
+            if self.data.with_prior_preservation:
+                raise ConfigError(f"data.with_prior_preservation: {self.method.name} has no image condition for class "
+                                  "images; set it to false")
+        for key in ("image_dropout", "text_dropout", "both_dropout"):
+            if not 0 <= getattr(self.method, key) <= 1:
+                raise ConfigError(f"method.{key}={getattr(self.method, key)} is not a probability; use 0..1")
         if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
             raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
         return self

@@ -86,10 +86,13 @@ class _Batches:
         return collate_references(samples)
 
 
-def _build_data(config: Config, accelerator, backbone):
+def _build_data(config: Config, accelerator, backbone, method=None):
     from .data.references import ReferenceDataset, scan_references
 
     d = config.data
+    own = method.build_dataset(config) if method is not None else None
+    if own is not None:  # e.g. an image–caption set for zero-shot IP-Adapter training
+        return [], own, None
     items = scan_references(d.instance_dir, d.trigger, d.class_noun, on_bad_image=d.on_bad_image)
     buckets = None
     if d.buckets:
@@ -210,7 +213,9 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     k = len(dd_rows)
     grad_text = method.trains_text
     micro = _micro_conditions(batch, class_batch)
-    cond = _with_micro(text(captions, grad_text), micro)
+    # Image-encoder methods: c_p is the reference image; joint and personal include it, general and empty omit it.
+    image = method.reference_condition(batch)
+    cond = method.attach(_with_micro(text(captions, grad_text), micro), image)
     parts: dict = {}
 
     def diffusion(pred_joint):
@@ -246,17 +251,18 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
 
     pd_value = None
     if acc.pd_weight > 0 and method.learns_personal_embedding:
-        pd_value = _pd_term(backbone, personal, general, superclass, config.data.trigger)
+        pd_value = _pd_term(backbone, personal, general, superclass, config.data.trigger, method.personal_features(image))
         parts["pd"] = pd_value.detach()
 
     if k == 0:
         loss = diffusion(backbone.predict(noisy, timesteps, cond))
     else:
         micro_rows = None if micro is None else micro[rows]
-        cond_personal = _with_micro(text([personal[i] for i in dd_rows], grad_text), micro_rows)
+        image_rows = None if image is None else image[rows]
+        cond_personal = method.attach(_with_micro(text([personal[i] for i in dd_rows], grad_text), micro_rows), image_rows)
         with torch.no_grad():
-            cond_rest = Conditioning.cat([_with_micro(text([general[i] for i in dd_rows], False), micro_rows),
-                                          _with_micro(text([""] * k, False), micro_rows)])
+            cond_rest = Conditioning.cat([method.attach(_with_micro(text([general[i] for i in dd_rows], False), micro_rows), None),
+                                          method.attach(_with_micro(text([""] * k, False), micro_rows), None)])
         if acc.mode == "fast":
             pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
                                     Conditioning.cat([cond, cond_personal]))
@@ -267,8 +273,13 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
             loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], pred_personal, pred_general, pred_null)
         else:  # lean: one forward with gradient alive at a time; the summed gradients equal fast mode's
             with torch.no_grad():
-                rest = backbone.predict(noisy[rows].repeat(3, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(3),
-                                        Conditioning.cat([cond_personal.detach(), cond_rest]))
+                if cond_personal.embeds.shape[1:] == cond_rest.embeds.shape[1:]:
+                    rest = backbone.predict(noisy[rows].repeat(3, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(3),
+                                            Conditioning.cat([cond_personal.detach(), cond_rest]))
+                else:  # image tokens lengthen c_p's sequence (visual_encoder): two forwards
+                    rest = torch.cat([backbone.predict(noisy[rows], timesteps[rows], cond_personal.detach()),
+                                      backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)),
+                                                       timesteps[rows].repeat(2), cond_rest)])
             personal_d, pred_general, pred_null = rest[:k], rest[k: 2 * k], rest[2 * k:]
             pred_joint = backbone.predict(noisy, timesteps, cond)
             loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], personal_d, pred_general, pred_null)
@@ -281,8 +292,9 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
                 with accelerator.no_sync(backbone.denoiser):
                     accelerator.backward(loss)
             del pred_joint
-            pred_personal = backbone.predict(noisy[rows], timesteps[rows],
-                                             _with_micro(text([personal[i] for i in dd_rows], grad_text), micro_rows))
+            image = method.reference_condition(batch)  # afresh: the first backward freed its graph
+            pred_personal = backbone.predict(noisy[rows], timesteps[rows], method.attach(
+                _with_micro(text([personal[i] for i in dd_rows], grad_text), micro_rows), None if image is None else image[rows]))
             second = acc.dd_weight * dd_loss(joint_d, pred_personal, pred_general, pred_null, sample=noisy[rows],
                                              timesteps=timesteps[rows], scheduler=backbone.noise_scheduler,
                                              reduction=acc.dd_reduction)[0]
@@ -321,13 +333,16 @@ def _with_micro(cond: Conditioning, micro: torch.Tensor | None) -> Conditioning:
     return dataclasses.replace(cond, time_ids=micro.to(cond.time_ids.device, cond.time_ids.dtype))
 
 
-def _pd_term(backbone, personal: list[str], general: list[str], superclass: str, trigger: str) -> torch.Tensor:
-    """PDLoss: f_p from each c_p phrase (learned token inside), f_s from the same phrase with the
-    class noun in place of the trigger, f_g from each other concept separately."""
+def _pd_term(backbone, personal: list[str], general: list[str], superclass: str, trigger: str,
+             f_p: torch.Tensor | None = None) -> torch.Tensor:
+    """PDLoss: f_p from each c_p phrase (learned token inside) unless a method gives it (the projected
+    image tokens of image-encoder methods), f_s from the same phrase with the class noun in place of the
+    trigger (the class noun alone where c_p has no text), f_g from each other concept separately."""
     from .data.captions import split_phrases
 
-    f_p = backbone.projected_text_features(personal)
-    supers = _superclass_prompts(personal, superclass, trigger)
+    if f_p is None:
+        f_p = backbone.projected_text_features(personal)
+    supers = [s or superclass for s in _superclass_prompts(personal, superclass, trigger)]
     phrases = [split_phrases(g) for g in general]
     width = max(1, max(len(p) for p in phrases))
     flat = [ph for p in phrases for ph in p]
@@ -441,7 +456,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
         logger.warning("regularizers.classdiffusion_weight is set but method %s trains no text side (set "
                        "method.train_text_encoder=true); ClassDiffusion's loss is skipped", method.name)
 
-    items, dataset, class_set = _build_data(config, accelerator, backbone)
+    items, dataset, class_set = _build_data(config, accelerator, backbone, method)
     params = method.parameters()
     if not params:
         raise AccordError(f"method {method.name} has no trainable parameters; check method settings")
@@ -561,6 +576,7 @@ def _rebind(backbone, method, prepared) -> None:
     """Point the backbone at accelerate's wrapped modules (DDP), matching by identity of the inner module."""
     from accelerate.utils import extract_model_from_parallel
 
+    method.rebind(list(prepared))
     for wrapped in prepared:
         inner = extract_model_from_parallel(wrapped)
         if inner is extract_model_from_parallel(backbone.denoiser):

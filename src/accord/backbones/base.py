@@ -14,11 +14,14 @@ __all__ = ["Conditioning", "Backbone"]
 
 @dataclass
 class Conditioning:
-    """Encoded prompts for a batch; optional fields are per-family extras (SDXL pooled + time ids)."""
+    """Encoded prompts for a batch; optional fields are per-family extras (SDXL pooled + time ids) and,
+    for decoupled image cross-attention (IP-Adapter), the CLIP image embeddings ``[B, 1, E]`` the
+    UNet's ``encoder_hid_proj`` turns into image tokens (zeros: the condition without the image)."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
 
     def _map(self, fn) -> "Conditioning":
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
@@ -83,6 +86,11 @@ class Backbone:
 
     def projected_text_features(self, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - interface
         """CLIP projection-space features of prompts (PDLoss), with gradient through learned tokens."""
+        raise NotImplementedError
+
+    def projected_token_features(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """CLIP projection-space features of ``[B, N, D]`` tokens in the denoiser's text-token space
+        (PDLoss's ``f_p`` of image-encoder methods), with gradient."""
         raise NotImplementedError
 
     def sample_timesteps(self, n: int, generator: torch.Generator, train_cfg) -> torch.Tensor:

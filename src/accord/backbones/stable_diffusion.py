@@ -27,6 +27,11 @@ def _eos_pooled(hidden: torch.Tensor, ids: torch.Tensor, tokenizer) -> torch.Ten
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_eos]
 
 
+def _image_kwargs(cond) -> dict | None:
+    """IP-Adapter's image embeddings as the UNet's ``added_cond_kwargs`` (a list: one entry per adapter)."""
+    return None if cond.image_embeds is None else {"image_embeds": [cond.image_embeds]}
+
+
 def _unwrap(module):
     from accelerate.utils import extract_model_from_parallel
 
@@ -84,14 +89,23 @@ class StableDiffusionBackbone(_UNetBackbone):
         return Conditioning(embeds=self.text_encoders[0](ids)[0])
 
     def predict(self, noisy, timesteps, cond):
-        return self.denoiser(noisy, timesteps, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+        return self.denoiser(noisy, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=_image_kwargs(cond),
+                             return_dict=False)[0]
 
     def projected_text_features(self, prompts):
         tokenizer, encoder = self.tokenizers[0], self.text_encoders[0]
         ids = self._ids(tokenizer, prompts)
         pooled = _eos_pooled(encoder(ids).last_hidden_state, ids, tokenizer)
         # SD's text tower is CLIP's; its projection is not shipped with SD, so take it from accord.pd_clip.
+        return self._project(pooled)
+
+    def _project(self, pooled):
         return pooled if self.pd_projection is None else self.pd_projection(pooled.to(self.pd_projection.weight.dtype))
+
+    def projected_token_features(self, tokens):
+        # The UNet's tokens are CLIP's final (layer-normed) hidden states, the space of the EOS feature that
+        # projected_text_features projects: pool the tokens and apply the same projection.
+        return self._project(tokens.mean(dim=1))
 
 
 class StableDiffusionXLBackbone(_UNetBackbone):
@@ -122,7 +136,7 @@ class StableDiffusionXLBackbone(_UNetBackbone):
         return Conditioning(embeds=embeds, pooled=pooled, time_ids=self._time_ids(len(prompts), embeds.dtype))
 
     def predict(self, noisy, timesteps, cond):
-        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids, **(_image_kwargs(cond) or {})}
         return self.denoiser(
             noisy, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False
         )[0]
@@ -132,3 +146,11 @@ class StableDiffusionXLBackbone(_UNetBackbone):
         ids = self._ids(tokenizer, prompts)
         pooled = _eos_pooled(encoder(ids).last_hidden_state, ids, tokenizer)
         return _unwrap(encoder).text_projection(pooled)
+
+    def projected_token_features(self, tokens):
+        # SDXL's tokens are [CLIP-L penultimate | CLIP-G penultimate]; the CLIP-G part, pooled, through CLIP-G's
+        # final layer norm and text projection approximates the projected EOS feature (one layer short).
+        encoder = _unwrap(self.text_encoders[1])
+        width = encoder.config.hidden_size
+        pooled = encoder.text_model.final_layer_norm(tokens[..., -width:].mean(dim=1))
+        return encoder.text_projection(pooled)

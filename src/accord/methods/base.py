@@ -13,7 +13,7 @@ __all__ = ["Method", "register", "METHOD_REGISTRY", "get_method"]
 
 METHOD_REGISTRY: dict[str, type["Method"]] = {}
 #: built-in methods, imported on first use (heavy imports only where used)
-METHOD_MODULES = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
+METHOD_MODULES = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter")
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -73,6 +73,28 @@ class Method:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
+
+    # -- image conditions (image-encoder methods: c_p is the reference image) ----------------------
+    def reference_condition(self, batch: dict):
+        """What the reference images of ``batch`` add to the joint and personal conditions (``[B, ...]``,
+        row-indexable, with gradient where trained), or ``None`` for text-only methods (the default)."""
+        return None
+
+    def attach(self, cond, image):
+        """``cond`` with ``image`` (rows of :meth:`reference_condition`) added; ``image=None`` is the
+        condition without the image (general, empty). Text-only methods leave ``cond`` as it is."""
+        return cond
+
+    def personal_features(self, image) -> torch.Tensor | None:
+        """PDLoss's ``f_p`` from ``image``; ``None``: the c_p phrase's projected text features."""
+        return None
+
+    def build_dataset(self, config):
+        """The training set where a method does not train on a reference folder (``None``: the default)."""
+        return None
+
+    def rebind(self, prepared: list[torch.nn.Module]) -> None:
+        """Use accelerate's wrapped ``trainable_modules`` (same order) where the method calls them itself."""
 
     def after_optimizer_step(self) -> None:
         """Hook after each optimizer step (textual inversion restores the rows it does not learn)."""

@@ -273,3 +273,19 @@ def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     build_pipeline(kind, seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def tiny_image_encoder(projection_dim: int = 32, seed: int = 0):
+    """A tiny ``CLIPVisionModelWithProjection`` (32-px input, 4×4 patches of 8 px) for image-encoder methods."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              image_size=32, patch_size=8, projection_dim=projection_dim)
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def save_tiny_image_encoder(path: str | Path, projection_dim: int = 32, seed: int = 0) -> Path:
+    path = Path(path)
+    tiny_image_encoder(projection_dim, seed).save_pretrained(path)
+    return path
