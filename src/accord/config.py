@@ -33,7 +33,7 @@ def _f(default, help: str, choices: tuple | None = None, **kwargs):
 
 
 BACKBONES = ("auto", "sd", "sdxl", "flux", "sd3")
-METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
+METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "break_a_scene")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 
 
@@ -86,6 +86,26 @@ class MethodConfig:
     num_vectors: int = _f(1, "textual inversion: vectors per learned token")
     modifier_token: str = _f("<new1>", "custom diffusion: the modifier token (use it as data.trigger)")
     train_q_out: bool = _f(False, "custom diffusion: also train to_q and to_out of cross-attention")
+    bas_token_prefix: str = _f(
+        "<asset", "break_a_scene: subject tokens (the keys of metadata.jsonl 'masks', one per subject: <asset0>, "
+        "<asset1>, ...) must start with this; the number of subjects is read from the data"
+    )
+    bas_phase1_steps: int = _f(
+        400, "break_a_scene: steps of phase 1 (only the subject tokens train, at bas_phase1_lr); the remaining "
+        "train.max_steps are phase 2 (tokens + UNet LoRA at train.learning_rate; paper: 400 + 400 at 5e-4 / 2e-6)"
+    )
+    bas_phase1_lr: float = _f(5e-4, "break_a_scene: learning rate of the subject tokens in phase 1")
+    bas_attn_weight: float = _f(
+        0.01, "break_a_scene: weight of the cross-attention mask loss (paper lambda_attn: 0.01); 0 skips the capture"
+    )
+    bas_attn_resolution: int | None = _f(
+        None, "break_a_scene: side of the cross-attention maps the mask loss uses (paper: 16 at 512 px); "
+        "default: the UNet's cross-attention side closest to latent side / 4"
+    )
+    bas_union_sampling: bool = _f(
+        True, "break_a_scene: each sample names a random non-empty subset of its subjects and the diffusion loss "
+        "is masked to their union (False: always all subjects)"
+    )
 
 
 @dataclass
@@ -201,6 +221,9 @@ class Config:
                 f"data.trigger={self.data.trigger!r} differs from method.modifier_token="
                 f"{self.method.modifier_token!r}: custom diffusion learns the modifier token, set both to the same token"
             )
+        if self.method.bas_phase1_steps < 0 or self.method.bas_phase1_lr <= 0 or self.method.bas_attn_weight < 0:
+            raise ConfigError("method.bas_phase1_steps and method.bas_attn_weight must be >= 0 and "
+                              "method.bas_phase1_lr > 0")
         if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
             raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
         return self
