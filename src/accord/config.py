@@ -33,7 +33,8 @@ def _f(default, help: str, choices: tuple | None = None, **kwargs):
 
 
 BACKBONES = ("auto", "sd", "sdxl", "flux", "sd3")
-METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter")
+METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
+           "break_a_scene")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 
 
@@ -95,6 +96,26 @@ class MethodConfig:
     image_dropout: float = _f(0.05, "ip_adapter: probability a sample's image is dropped (zero embedding; for CFG)")
     text_dropout: float = _f(0.05, "ip_adapter: probability a sample's caption is dropped (empty prompt; for CFG)")
     both_dropout: float = _f(0.05, "ip_adapter: probability both are dropped")
+    bas_token_prefix: str = _f(
+        "<asset", "break_a_scene: subject tokens (the keys of metadata.jsonl 'masks', one per subject: <asset0>, "
+        "<asset1>, ...) must start with this; the number of subjects is read from the data"
+    )
+    bas_phase1_steps: int = _f(
+        400, "break_a_scene: steps of phase 1 (only the subject tokens train, at bas_phase1_lr); the remaining "
+        "train.max_steps are phase 2 (tokens + UNet LoRA at train.learning_rate; paper: 400 + 400 at 5e-4 / 2e-6)"
+    )
+    bas_phase1_lr: float = _f(5e-4, "break_a_scene: learning rate of the subject tokens in phase 1")
+    bas_attn_weight: float = _f(
+        0.01, "break_a_scene: weight of the cross-attention mask loss (paper lambda_attn: 0.01); 0 skips the capture"
+    )
+    bas_attn_resolution: int | None = _f(
+        None, "break_a_scene: side of the cross-attention maps the mask loss uses (paper: 16 at 512 px); "
+        "default: the UNet's cross-attention side closest to latent side / 4"
+    )
+    bas_union_sampling: bool = _f(
+        True, "break_a_scene: each sample names a random non-empty subset of its subjects and the diffusion loss "
+        "is masked to their union (False: always all subjects)"
+    )
 
 
 @dataclass
@@ -220,6 +241,9 @@ class Config:
         for key in ("image_dropout", "text_dropout", "both_dropout"):
             if not 0 <= getattr(self.method, key) <= 1:
                 raise ConfigError(f"method.{key}={getattr(self.method, key)} is not a probability; use 0..1")
+        if self.method.bas_phase1_steps < 0 or self.method.bas_phase1_lr <= 0 or self.method.bas_attn_weight < 0:
+            raise ConfigError("method.bas_phase1_steps and method.bas_attn_weight must be >= 0 and "
+                              "method.bas_phase1_lr > 0")
         if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
             raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
         return self

@@ -166,9 +166,13 @@ class _LatentCache:
             return self.backbone.latents_from(mean, std, generator=generator)
 
 
-def _diffusion_loss(config: Config, backbone, pred, target, timesteps) -> torch.Tensor:
-    """Per-sample MSE, min-SNR weighted if asked (diffusers' ``compute_snr``)."""
-    per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+def _diffusion_loss(config: Config, backbone, pred, target, timesteps, mask=None) -> torch.Tensor:
+    """Per-sample MSE, min-SNR weighted if asked (diffusers' ``compute_snr``). ``mask`` ``[B, 1, h, w]`` at
+    latent size zeroes the error outside it; the mean stays over all elements (as Break-A-Scene's code)."""
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        err = err * mask.to(err.device, err.dtype)
+    per = err.flatten(1).mean(1)
     gamma = config.train.snr_gamma
     if gamma:
         from diffusers.training_utils import compute_snr
@@ -188,6 +192,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     device = backbone.device
     param = backbone.parameterization
     latent_cache = latent_cache or _LatentCache(backbone, enabled=False)
+    batch = method.prepare_batch(batch, generator)
     n_inst = len(batch["caption"])
     captions, personal, general = list(batch["caption"]), list(batch["personal"]), list(batch["general"])
     pixels = batch["pixel_values"]
@@ -205,10 +210,12 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     noisy = param.add_noise(latents, noise, timesteps)
     target = param.training_target(latents, noise, timesteps)
 
-    # DD rows: instance samples whose caption has other concepts, at most accord.dd_batch of them.
-    dd_rows = [i for i in range(n_inst) if general[i]] if acc.dd_weight > 0 else []
+    # DD terms (row, c_p, c_g): instance samples whose caption has other concepts, at most accord.dd_batch of them.
+    dd_terms = method.dd_conditions(batch) if acc.dd_weight > 0 else []
     if acc.dd_batch is not None:
-        dd_rows = dd_rows[: acc.dd_batch]
+        dd_terms = dd_terms[: acc.dd_batch]
+    dd_rows = [r for r, _, _ in dd_terms]
+    dd_personal, dd_general = [p for _, p, _ in dd_terms], [g for _, _, g in dd_terms]
     rows = torch.tensor(dd_rows, dtype=torch.long, device=device)
     k = len(dd_rows)
     grad_text = method.trains_text
@@ -218,14 +225,22 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     cond = method.attach(_with_micro(text(captions, grad_text), micro), image)
     parts: dict = {}
 
+    mask = method.loss_mask(batch)
+    if mask is not None:  # pixel mask → latent size, all ones for class images
+        mask = F.interpolate(mask.float(), size=latents.shape[-2:], mode="nearest")
+        mask = torch.cat([mask, torch.ones(len(latents) - n_inst, *mask.shape[1:])]).to(device)
+
     def diffusion(pred_joint):
-        per = _diffusion_loss(config, backbone, pred_joint, target, timesteps)
+        per = _diffusion_loss(config, backbone, pred_joint, target, timesteps, mask)
         loss = per[:n_inst].mean()
         parts["diffusion"] = loss.detach()
         if class_batch is not None:
             prior = per[n_inst:].mean()
             parts["prior"] = prior.detach()
             loss = loss + config.data.prior_loss_weight * prior
+        for name, value in method.extra_losses(batch).items():
+            parts[name] = value.detach()
+            loss = loss + value
         return loss + comparators(pred_joint[:n_inst])
 
     def comparators(pred_subject):
@@ -255,17 +270,20 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
         parts["pd"] = pd_value.detach()
 
     if k == 0:
-        loss = diffusion(backbone.predict(noisy, timesteps, cond))
+        with method.capture():
+            pred_joint = backbone.predict(noisy, timesteps, cond)
+        loss = diffusion(pred_joint)
     else:
         micro_rows = None if micro is None else micro[rows]
         image_rows = None if image is None else image[rows]
-        cond_personal = method.attach(_with_micro(text([personal[i] for i in dd_rows], grad_text), micro_rows), image_rows)
+        cond_personal = method.attach(_with_micro(text(dd_personal, grad_text), micro_rows), image_rows)
         with torch.no_grad():
-            cond_rest = Conditioning.cat([method.attach(_with_micro(text([general[i] for i in dd_rows], False), micro_rows), None),
+            cond_rest = Conditioning.cat([method.attach(_with_micro(text(dd_general, False), micro_rows), None),
                                           method.attach(_with_micro(text([""] * k, False), micro_rows), None)])
         if acc.mode == "fast":
-            pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
-                                    Conditioning.cat([cond, cond_personal]))
+            with method.capture():
+                pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
+                                        Conditioning.cat([cond, cond_personal]))
             pred_joint, pred_personal = pred[: len(noisy)], pred[len(noisy):]
             with torch.no_grad():
                 rest = backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(2), cond_rest)
@@ -281,7 +299,8 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
                                       backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)),
                                                        timesteps[rows].repeat(2), cond_rest)])
             personal_d, pred_general, pred_null = rest[:k], rest[k: 2 * k], rest[2 * k:]
-            pred_joint = backbone.predict(noisy, timesteps, cond)
+            with method.capture():
+                pred_joint = backbone.predict(noisy, timesteps, cond)
             loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], personal_d, pred_general, pred_null)
             if pd_value is not None:
                 loss = loss + acc.pd_weight * pd_value
@@ -294,7 +313,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
             del pred_joint
             image = method.reference_condition(batch)  # afresh: the first backward freed its graph
             pred_personal = backbone.predict(noisy[rows], timesteps[rows], method.attach(
-                _with_micro(text([personal[i] for i in dd_rows], grad_text), micro_rows), None if image is None else image[rows]))
+                _with_micro(text(dd_personal, grad_text), micro_rows), None if image is None else image[rows]))
             second = acc.dd_weight * dd_loss(joint_d, pred_personal, pred_general, pred_null, sample=noisy[rows],
                                              timesteps=timesteps[rows], scheduler=backbone.noise_scheduler,
                                              reduction=acc.dd_reduction)[0]
@@ -460,7 +479,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
     params = method.parameters()
     if not params:
         raise AccordError(f"method {method.name} has no trainable parameters; check method settings")
-    optimizer = _make_optimizer(config, params)
+    optimizer = _make_optimizer(config, method.param_groups())
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_steps)
     prepared = accelerator.prepare(*method.trainable_modules(), optimizer)
@@ -518,6 +537,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
             bar.update(1)
             continue
         nonfinite = 0
+        method.before_optimizer_step(step, optimizer)
         if t.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()

@@ -10,8 +10,12 @@ A reference folder holds images (``.jpg .jpeg .png .webp .bmp``, any case; names
        "general": ["girl", "park"], "mask": "masks/00.png"}
 
   ``file_name`` (relative to the folder) is required; ``caption``, ``general`` (an explicit ``c_g``:
-  a string or a list of phrases) and ``mask`` (a path relative to the folder) are optional. Files
-  named as masks are not used as references. Other keys are rejected so that a typo is not silently
+  a string or a list of phrases) and ``mask`` (a path relative to the folder) are optional.
+  Multi-subject methods (Break-A-Scene) read ``masks``, one mask per subject token::
+
+      {"file_name": "scene.png", "masks": {"<asset0>": "m0.png", "<asset1>": "m1.png"}}
+
+  Files named as masks are not used as references. Other keys are rejected so that a typo is not silently
   ignored. A caption given both as a sidecar and in ``metadata.jsonl`` must agree.
 
 Images without a caption get ``default_caption(trigger, class_noun)`` and one warning lists them.
@@ -20,6 +24,7 @@ Images without a caption get ``default_caption(trigger, class_noun)`` and one wa
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,10 +56,11 @@ __all__ = [
     "collate_references",
     "list_images",
     "scan_references",
+    "subject_tokens",
 ]
 
 METADATA_FILE = "metadata.jsonl"
-_METADATA_KEYS = ("file_name", "caption", "general", "mask")
+_METADATA_KEYS = ("file_name", "caption", "general", "mask", "masks")
 _BAD_IMAGE_MODES = ("error", "skip")
 
 
@@ -68,6 +74,7 @@ class ReferenceItem:
     general: str
     mask_path: Path | None = None
     size: tuple[int, int] | None = None  # (width, height) after EXIF rotation; filled by scan_references
+    masks: dict[str, Path] | None = None  # per-subject masks {token: path} (metadata ``masks``)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -94,6 +101,21 @@ class _Meta:
     caption: str | None = None
     general: str | None = None
     mask: Path | None = None
+    masks: dict[str, Path] | None = None
+
+
+def _natural_key(token: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", token)]
+
+
+def subject_tokens(masks: Sequence[dict | None]) -> list[str]:
+    """The subject tokens named by per-image ``masks`` dicts, in natural order (``<asset2>`` before ``<asset10>``)."""
+    return sorted({t for m in masks if m for t in m}, key=_natural_key)
+
+
+def read_subject_tokens(folder) -> list[str]:
+    """The subject tokens of a reference folder's ``metadata.jsonl`` (no image is decoded)."""
+    return subject_tokens([e.masks for e in _read_metadata(_check_folder(folder)).values()])
 
 
 def _read_metadata(folder: Path) -> dict[Path, _Meta]:
@@ -150,6 +172,16 @@ def _read_metadata(folder: Path) -> dict[Path, _Meta]:
             if not isinstance(mask, str) or not (folder / mask).is_file():
                 raise DataError(f"{where}: mask {mask!r} not found in {folder}; fix the path or drop \"mask\"")
             entry.mask = (folder / mask).resolve()
+        masks = record.get("masks")
+        if masks is not None:
+            if not isinstance(masks, dict) or not masks or not all(isinstance(k, str) and k.strip() and isinstance(v, str)
+                                                                  for k, v in masks.items()):
+                raise DataError(f"{where}: \"masks\" must map subject tokens to mask files, e.g. "
+                                "{\"<asset0>\": \"m0.png\", \"<asset1>\": \"m1.png\"}")
+            for token, m in masks.items():
+                if not (folder / m).is_file():
+                    raise DataError(f"{where}: mask {m!r} of {token} not found in {folder}; fix the path")
+            entry.masks = {k.strip(): (folder / v).resolve() for k, v in masks.items()}
         entries[path] = entry
     return entries
 
@@ -183,6 +215,7 @@ def scan_references(
     folder = _check_folder(folder)
     meta = _read_metadata(folder)
     masks = {e.mask for e in meta.values() if e.mask is not None}
+    masks |= {m for e in meta.values() if e.masks for m in e.masks.values()}
     images = [p for p in list_images(folder) if p.resolve() not in masks]
     images += sorted(p for p in meta if p not in {q.resolve() for q in images} and p not in masks)
     if not images:
@@ -197,11 +230,12 @@ def scan_references(
         entry = meta.get(path.resolve())
         try:
             size = load_rgb(path, max_pixels).size
-            if entry is not None and entry.mask is not None:
-                msize = load_mask(entry.mask, max_pixels).size
+            mask_paths = [] if entry is None else [entry.mask] + list((entry.masks or {}).values())
+            for mask_path in (m for m in mask_paths if m is not None):
+                msize = load_mask(mask_path, max_pixels).size
                 if msize != size:
                     raise DataError(
-                        f"{entry.mask}: mask is {msize[0]}x{msize[1]} but its image {path.name} is "
+                        f"{mask_path}: mask is {msize[0]}x{msize[1]} but its image {path.name} is "
                         f"{size[0]}x{size[1]}; save the mask at the image's size"
                     )
         except DataError as e:
@@ -245,7 +279,7 @@ def scan_references(
         if entry is not None and entry.general is not None:
             general = entry.general
         mask = entry.mask if entry is not None else None
-        items.append(ReferenceItem(path, caption, personal, general, mask, size))
+        items.append(ReferenceItem(path, caption, personal, general, mask, size, entry.masks if entry else None))
     if no_trigger:
         raise DataError(
             f"caption(s) without the trigger {trigger.strip()!r}: {', '.join(no_trigger)}; "
@@ -291,7 +325,10 @@ class ReferenceDataset(torch.utils.data.Dataset):
       SDXL micro-conditions (the crop is given in the resized, flipped frame);
     * ``mask``: float32 ``[1, H, W]`` in ``[0, 1]`` — **present only when at least one item has a
       mask**; items without one then get an all-ones mask, so every sample has the same keys and
-      batches always collate.
+      batches always collate;
+    * ``subject_masks`` float32 ``[S, 1, H, W]`` and ``subject_present`` bool ``[S]`` — **present only when
+      an item has per-subject ``masks``**: one slot per token of :attr:`subject_tokens` (all items'
+      tokens, natural order); a subject absent from an image has an all-zero mask and ``False``.
 
     Augmentation: ``center_crop=False`` crops at random, ``random_flip`` flips horizontally with
     probability ½; both draw from :func:`augmentation_generator` ``(seed, epoch, index)``, so the
@@ -331,6 +368,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
         self.cache = cache
         self._cache: dict[int, tuple] = {}
         self.has_masks = any(it.mask_path is not None for it in self.items)
+        self.subject_tokens = subject_tokens([it.masks for it in self.items])
         self.buckets = list(buckets) if buckets else None
         if self.buckets:
             sizes = [it.size or image_size(it.path, max_pixels) for it in self.items]
@@ -347,6 +385,12 @@ class ReferenceDataset(torch.utils.data.Dataset):
     def _resized(self, index: int):
         """``(image, mask or None, (orig_h, orig_w))`` resized to cover the target: no randomness, so cacheable."""
         if index in self._cache:
+            return self._cache[index][:3]
+        return self._resized_all(index)[:3]
+
+    def _resized_all(self, index: int):
+        """:meth:`_resized` plus the per-subject masks ``{token: mask}`` (resized the same way)."""
+        if index in self._cache:
             return self._cache[index]
         item = self.items[index]
         img = load_rgb(item.path, self.max_pixels)
@@ -359,14 +403,21 @@ class ReferenceDataset(torch.utils.data.Dataset):
                 raise DataError(f"{item.mask_path}: mask is {mask.width}x{mask.height} but its image {item.path.name} "
                                 f"is {img.width}x{img.height}; save the mask at the image's size")
             mask = mask.resize((rw, rh), Image.BILINEAR) if mask.size != (rw, rh) else mask
+        subjects = {}
+        for token, path in (item.masks or {}).items():
+            m = load_mask(path, self.max_pixels)
+            if m.size != img.size:
+                raise DataError(f"{path}: mask is {m.width}x{m.height} but its image {item.path.name} "
+                                f"is {img.width}x{img.height}; save the mask at the image's size")
+            subjects[token] = m.resize((rw, rh), Image.BILINEAR) if m.size != (rw, rh) else m
         img = img.resize((rw, rh), Image.LANCZOS) if img.size != (rw, rh) else img
         if self.cache:
-            self._cache[index] = (img, mask, original)
-        return img, mask, original
+            self._cache[index] = (img, mask, original, subjects)
+        return img, mask, original, subjects
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        img, mask, (orig_h, orig_w) = self._resized(index)
+        img, mask, (orig_h, orig_w), subjects = self._resized_all(index)
         tw, th = self.target_sizes[index]
         # the resized size does not depend on the generator, so cached and fresh images give the same crop
         gen = augmentation_generator(self.seed, self.epoch, index)
@@ -391,6 +442,11 @@ class ReferenceDataset(torch.utils.data.Dataset):
                 sample["mask"] = torch.ones(1, th, tw)
             else:
                 sample["mask"] = pil_to_tensor(crop_flip(mask)).float().div(255.0)
+        if self.subject_tokens:
+            zero = torch.zeros(1, th, tw)
+            sample["subject_masks"] = torch.stack([pil_to_tensor(crop_flip(subjects[t])).float().div(255.0)
+                                                   if t in subjects else zero for t in self.subject_tokens])
+            sample["subject_present"] = torch.tensor([t in subjects for t in self.subject_tokens])
         return sample
 
 

@@ -1,6 +1,7 @@
 """The two ACCORD losses, and the comparators SuDe and ClassDiffusion, as pure tensor functions
 (no trainer, no model classes needed)."""
 
+from .attention import cross_attention_mask_loss
 from .classdiffusion import classdiffusion_loss
 from .dd import dd_loss, dependence_shift
 from .parameterization import Parameterization, UnsupportedSchedulerError
@@ -11,6 +12,7 @@ __all__ = [
     "Parameterization",
     "UnsupportedSchedulerError",
     "classdiffusion_loss",
+    "cross_attention_mask_loss",
     "dd_loss",
     "dependence_shift",
     "image_features",

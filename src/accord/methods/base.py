@@ -5,6 +5,7 @@ A method is registered by name with :func:`register`; the loop only calls the ho
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ __all__ = ["Method", "register", "METHOD_REGISTRY", "get_method"]
 
 METHOD_REGISTRY: dict[str, type["Method"]] = {}
 #: built-in methods, imported on first use (heavy imports only where used)
-METHOD_MODULES = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter")
+METHOD_MODULES = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
+                  "break_a_scene")
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -74,6 +76,13 @@ class Method:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
 
+    def param_groups(self) -> list:
+        """What the optimizer gets: :meth:`parameters`, or param-group dicts with their own learning rates."""
+        return self.parameters()
+
+    def before_optimizer_step(self, step: int, optimizer) -> None:
+        """Hook before gradient clipping and the optimizer step of ``step`` (0-based): phase schedules."""
+
     # -- image conditions (image-encoder methods: c_p is the reference image) ----------------------
     def reference_condition(self, batch: dict):
         """What the reference images of ``batch`` add to the joint and personal conditions (``[B, ...]``,
@@ -98,6 +107,27 @@ class Method:
 
     def after_optimizer_step(self) -> None:
         """Hook after each optimizer step (textual inversion restores the rows it does not learn)."""
+
+    # -- loss hooks (no-ops by default; the loop calls them in ``compute_step``) ------------------
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        """Rewrite a collated batch before the step (Break-A-Scene picks subjects and writes the prompts)."""
+        return batch
+
+    def loss_mask(self, batch: dict) -> torch.Tensor | None:
+        """``[B, 1, H, W]`` pixel weights of the instance diffusion loss, or ``None`` for the whole image."""
+        return None
+
+    def dd_conditions(self, batch: dict) -> list[tuple[int, str, str]]:
+        """DDLoss terms ``(row, c_p, c_g)``; a row may appear more than once (one term per subject)."""
+        return [(i, p, g) for i, (p, g) in enumerate(zip(batch["personal"], batch["general"])) if g]
+
+    def capture(self):
+        """Context around the forward pass that holds the joint prediction (rows ``[:n_instance]`` first)."""
+        return contextlib.nullcontext()
+
+    def extra_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Weighted method losses added to the diffusion loss (after the :meth:`capture` forward); name -> scalar."""
+        return {}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def unwrapped_modules(self) -> list[torch.nn.Module]:
