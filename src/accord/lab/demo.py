@@ -24,6 +24,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _verdict(results: list[dict]) -> str:
+    """Say plainly whether DDLoss changed the leak rate beyond the seed-to-seed spread."""
+    from .report import summarize
+
+    rows = {r["regularizer"]: r for r in summarize(results)}
+    (a, ha), (b, hb) = rows["none"]["leak"], rows["dd"]["leak"]
+    if ha != ha or hb != hb:  # nan: one seed, no interval
+        return f"Leak rate {100 * a:.1f}% without and {100 * b:.1f}% with DDLoss; one seed gives no interval."
+    if abs(a - b) <= max(ha, hb):
+        verdict = "DDLoss did <b>not</b> change the leak rate beyond the seed-to-seed spread in this run."
+    else:
+        verdict = f"DDLoss {'lowered' if b < a else 'raised'} the leak rate beyond the seed-to-seed spread."
+    return (f"Leak rate {100 * a:.1f} ± {100 * ha:.1f}% without and {100 * b:.1f} ± {100 * hb:.1f}% with DDLoss. "
+            f"{verdict} The lab model's quality and the measured size of the DD term are in benchmarks/RESULTS.md "
+            "(section 'Coupling lab'); read the numbers against them.")
+
+
 def run(args) -> int:
     from ..errors import AccordError
     from .experiment import run_experiment
@@ -40,7 +57,8 @@ def run(args) -> int:
              f"{args.seeds} seed(s), {args.images} images per prompt. Leak rate: the yellow triangle that accompanies "
              "the subject in every reference appears although the prompt does not ask for it. 95% intervals over seeds.")
     results, report, seconds = run_experiment(settings, Path(args.output), title="accord demo: concept coupling",
-                                              intro=intro, weights=args.weights, progress=not args.no_progress)
+                                              intro=intro, notes=_verdict, weights=args.weights,
+                                              progress=not args.no_progress)
     print(format_table(summarize(results)))
     print(f"\nreport: {report}  ({seconds / 60:.1f} min)")
     return 0

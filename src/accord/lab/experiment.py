@@ -32,7 +32,7 @@ def quiet() -> None:
     logging.getLogger("accord").setLevel(logging.WARNING)
 
 
-def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: str, notes: str = "",
+def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: str, notes=None,
                    weights: Path | None = None, progress: bool = True) -> tuple[list[dict], Path, float]:
     from tqdm.auto import tqdm
 
@@ -59,7 +59,7 @@ def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: 
             grids[key] = sample_grid(r, images, folder / f"samples-{r['name']}.png")
     seconds = time.time() - t0
     report = write_report(folder, results, title=title, intro=intro + f" Wall time: {seconds / 60:.1f} min.",
-                          grids=grids, notes=notes)
+                          grids=grids, notes=notes(results) if callable(notes) else (notes or ""))
     (folder / "summary.md").write_text(format_table(summarize(results)) + "\n")
     (folder / "results.json").write_text(json.dumps(results))
     return results, report, seconds
