@@ -96,6 +96,15 @@ class MethodConfig:
     image_dropout: float = _f(0.05, "ip_adapter: probability a sample's image is dropped (zero embedding; for CFG)")
     text_dropout: float = _f(0.05, "ip_adapter: probability a sample's caption is dropped (empty prompt; for CFG)")
     both_dropout: float = _f(0.05, "ip_adapter: probability both are dropped")
+    ip_dataset: str | None = _f(
+        None, "ip_adapter: train on a Hugging Face datasets dataset, streamed (a hub id or local path for "
+        "datasets.load_dataset; pip install 'accord[ip]') instead of the data.instance_dir folder; exact resume needs "
+        "the same number of processes"
+    )
+    ip_dataset_split: str = _f("train", "ip_adapter with ip_dataset: the split to stream")
+    ip_image_column: str = _f("image", "ip_adapter with ip_dataset: the image column")
+    ip_caption_column: str = _f("text", "ip_adapter with ip_dataset: the caption column")
+    ip_shuffle_buffer: int = _f(1000, "ip_adapter with ip_dataset: size of the seeded shuffle buffer (1: stream order)")
     bas_token_prefix: str = _f(
         "<asset", "break_a_scene: subject tokens (the keys of metadata.jsonl 'masks', one per subject: <asset0>, "
         "<asset1>, ...) must start with this; the number of subjects is read from the data"
@@ -205,8 +214,16 @@ class Config:
         """Reject incompatible combinations (peft-style ``__post_init__`` checks, at the edge)."""
         if not self.model.pretrained:
             raise ConfigError("model.pretrained is empty: give a hub id, a local diffusers folder or a .safetensors file")
-        if not self.data.instance_dir:
+        streamed = bool(self.method.ip_dataset)
+        if streamed and self.method.name != "ip_adapter":
+            raise ConfigError(f"method.ip_dataset is for ip_adapter, not {self.method.name}; unset it or use a folder")
+        if not self.data.instance_dir and not streamed:
             raise ConfigError("data.instance_dir is empty: give the folder of reference images")
+        if streamed and self.method.ip_shuffle_buffer < 1:
+            raise ConfigError("method.ip_shuffle_buffer must be at least 1 (1: stream order)")
+        if streamed and self.train.cache_latents:
+            raise ConfigError("train.cache_latents with method.ip_dataset: streamed samples are not revisited by index; "
+                              "set train.cache_latents=false")
         if not self.data.class_noun:
             raise ConfigError("data.class_noun is empty: give the superclass noun of the subject, e.g. 'backpack'")
         weights = (("accord.dd_weight", self.accord.dd_weight), ("accord.pd_weight", self.accord.pd_weight),

@@ -37,7 +37,9 @@ __all__ = ["train", "StepLosses"]
 class _Batches:
     """Micro-batches by (step, micro, rank): epoch permutations seeded by (seed, epoch).
 
-    With aspect-ratio buckets, each micro-batch is one of ``BucketBatchSampler``'s same-size batches."""
+    With aspect-ratio buckets, each micro-batch is one of ``BucketBatchSampler``'s same-size batches. A streamed
+    dataset (``stream_samples(start, count)``, e.g. :class:`accord.data.streamed.StreamedCaptions`) is this rank's
+    shard read in order: micro-batch (step, micro) is its samples from ``(step * accumulation + micro) * batch_size``."""
 
     def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, accumulation: int):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
@@ -74,6 +76,9 @@ class _Batches:
     def get(self, step: int, micro: int) -> dict:
         from .data.references import collate_references
 
+        if hasattr(self.dataset, "stream_samples"):  # a stream, already this rank's shard: its samples in order
+            start = (step * self.accumulation + micro) * self.batch_size
+            return collate_references(self.dataset.stream_samples(start, self.batch_size))
         slot = (step * self.accumulation + micro) * self.world + self.rank
         if self._bucketed:  # one same-size batch per slot
             picks = self._indices(slot, 1)

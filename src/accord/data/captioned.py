@@ -3,8 +3,7 @@
 Each sample's c_p is its image (no trigger phrase), so ``personal`` is empty text and ``general`` is the
 whole caption. Classifier-free-guidance dropout (IP-Adapter's recipe: image, text, or both dropped) is
 drawn per (seed, epoch, index), so the trainer's (step, micro, rank) addressing makes a resumed run see
-the same samples and the same drops. A Hugging Face ``datasets`` stream is not supported yet (see
-docs/ip-adapter.md).
+the same samples and the same drops. A Hugging Face ``datasets`` stream: :mod:`accord.data.streamed`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ trainable ``ImageProjection`` (CLIP image embedding → 4 tokens). Both are set 
 loader (``UNet2DConditionModel._load_ip_adapter_weights``), so training runs the very modules that
 ``pipe.load_ip_adapter`` builds at inference. The CLIP image encoder (``method.image_encoder``) is frozen.
 
-Data: an image–caption folder (:class:`accord.data.captioned.CaptionedImages`), with IP-Adapter's
+Data: an image–caption folder (:class:`accord.data.captioned.CaptionedImages`) or a Hugging Face ``datasets``
+dataset streamed and sharded per process (``method.ip_dataset``: :class:`accord.data.streamed.StreamedCaptions`), with IP-Adapter's
 CFG dropout (``method.image_dropout``/``text_dropout``/``both_dropout``; a dropped image is a zero
 embedding, what the pipeline feeds its unconditional side).
 
@@ -105,6 +106,17 @@ class IPAdapter(Method):
         from ..data.captioned import CaptionedImages
 
         m = config.method
+        if m.ip_dataset:  # a Hugging Face datasets dataset, streamed and sharded per process
+            from accelerate import PartialState
+
+            from ..data.streamed import StreamedCaptions
+
+            state = PartialState()
+            return StreamedCaptions(m.ip_dataset, config.data.resolution, split=m.ip_dataset_split,
+                                    image_column=m.ip_image_column, caption_column=m.ip_caption_column,
+                                    seed=config.train.seed, buffer_size=m.ip_shuffle_buffer, rank=state.process_index,
+                                    world=state.num_processes, image_dropout=m.image_dropout,
+                                    text_dropout=m.text_dropout, both_dropout=m.both_dropout)
         return CaptionedImages(config.data.instance_dir, config.data.resolution, seed=config.train.seed,
                                image_dropout=m.image_dropout, text_dropout=m.text_dropout, both_dropout=m.both_dropout)
 
