@@ -21,6 +21,11 @@ Modes:
   default (no --real)  the tiny random SD model of ``accord.testing.tiny`` (1.4 M-parameter UNet, real VAE
                        and CLIP text encoder code paths), batch 4, 32 px; methods lora and dreambooth.
                        Runs on the CPU in about a minute; absolute times mean little, ratios are indicative.
+                       ``--cases`` picks other tiny cases (``--cases all``: every one, several minutes):
+                       textual_inversion, custom_diffusion, visual_encoder, ip_adapter (tiny SD; the image
+                       methods with a tiny random CLIP image encoder) and flux-lora (LoRA on the tiny FLUX
+                       fixture). FLUX has no UNet step to compare with, so its cases skip (a) and report
+                       against (b) only.
   --real (CUDA)        real-size UNets from the public SD1.5 and SDXL configs written below, random weights
                        (weights do not change speed or memory), bf16 autocast, AdamW, batch 4:
                        SD1.5 full fine-tune (dreambooth) at 64x64 latents and SDXL LoRA rank 64 on
@@ -32,6 +37,7 @@ Modes:
 
 Usage:
   python benchmarks/overhead.py                       # CPU/tiny (or tiny on CUDA when one is present)
+  python benchmarks/overhead.py --cases ip_adapter flux-lora   # other tiny cases (--cases all: every one)
   python benchmarks/overhead.py --real                # GPU, real-size configs
   python benchmarks/overhead.py --append-results      # also append a dated section to benchmarks/RESULTS.md
 """
@@ -105,16 +111,44 @@ class Case:
 
     name: str
     method: str
-    kind: str  # "tiny-sd" | "sd15" | "sdxl"
+    kind: str  # "tiny-sd" | "tiny-flux" | "sd15" | "sdxl"
     batch: int
     size: int  # pixels for tiny-sd, latent side for sd15/sdxl
     lora_rank: int = 16
     mixed_precision: str = "no"
     unet: dict | None = None  # overrides the real config (used by the tests to shrink the real path)
+    trigger: str = "sks"  # the learned token of textual_inversion / custom_diffusion
+
+    @property
+    def has_plain(self) -> bool:
+        """(a) is a UNet step; the flow transformers (FLUX) are compared with (b) only."""
+        return self.kind != "tiny-flux"
 
 
-def tiny_cases(methods, batch: int, size: int) -> list[Case]:
-    return [Case(f"tiny SD {m}", m, "tiny-sd", batch, size, lora_rank=4) for m in methods]
+#: the tiny cases ``--cases`` picks from: name -> (method, kind, trigger); default "lora dreambooth"
+TINY_CASES = {
+    "lora": ("lora", "tiny-sd", "sks"),
+    "dreambooth": ("dreambooth", "tiny-sd", "sks"),
+    "textual_inversion": ("textual_inversion", "tiny-sd", "<s*>"),
+    "custom_diffusion": ("custom_diffusion", "tiny-sd", "<new1>"),
+    "visual_encoder": ("visual_encoder", "tiny-sd", "sks"),
+    "ip_adapter": ("ip_adapter", "tiny-sd", "sks"),
+    "flux-lora": ("lora", "tiny-flux", "sks"),
+}
+DEFAULT_CASES = ("lora", "dreambooth")
+IMAGE_METHODS = ("visual_encoder", "ip_adapter")
+
+
+def tiny_cases(names, batch: int, size: int) -> list[Case]:
+    unknown = [n for n in names if n not in TINY_CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(TINY_CASES)} or all")
+    out = []
+    for n in names:
+        method, kind, trigger = TINY_CASES[n]
+        label = f"tiny FLUX {method}" if kind == "tiny-flux" else f"tiny SD {method}"
+        out.append(Case(label, method, kind, batch, size, lora_rank=4, trigger=trigger))
+    return out
 
 
 def real_cases(methods=None) -> list[Case]:
@@ -179,13 +213,36 @@ class LatentBackbone(Backbone):  # device, frozen_modules, check_config, ... fro
 # ---------------------------------------------------------------------------- building (as train() does)
 
 
+_ENCODER_DIR: list[Path] = []
+
+
+def _tiny_image_encoder() -> str:
+    """A tiny random CLIPVisionModelWithProjection written once per process (visual_encoder, ip_adapter)."""
+    if not _ENCODER_DIR:
+        import atexit
+        import shutil
+        import tempfile
+
+        from accord.testing.tiny import save_tiny_image_encoder
+
+        root = Path(tempfile.mkdtemp(prefix="accord-bench-"))
+        atexit.register(shutil.rmtree, root, True)
+        _ENCODER_DIR.append(save_tiny_image_encoder(root / "image_encoder"))
+    return str(_ENCODER_DIR[0])
+
+
 def _config(case: Case, device: str):
     from accord.config import config_from_dict
 
+    method = {"name": case.method, "lora_rank": case.lora_rank}
+    if case.method in IMAGE_METHODS:
+        method.update(image_encoder=_tiny_image_encoder(), image_dropout=0.0, text_dropout=0.0, both_dropout=0.0)
+    tiny = case.kind.startswith("tiny")
     return config_from_dict({
         "model": {"pretrained": "benchmark"},
-        "data": {"instance_dir": "benchmark", "class_noun": "backpack", "resolution": 32 if case.kind == "tiny-sd" else 8 * case.size},
-        "method": {"name": case.method, "lora_rank": case.lora_rank},
+        "data": {"instance_dir": "benchmark", "class_noun": "backpack", "trigger": case.trigger,
+                 "resolution": case.size if tiny else 8 * case.size},
+        "method": method,
         "accord": {"dd_weight": 0.0},
         "train": {"mixed_precision": case.mixed_precision, "report_to": "none", "learning_rate": 1e-5},
     })
@@ -200,6 +257,11 @@ def _build_backbone(case: Case, device: torch.device):
 
         pipe = build_pipeline("sd")
         return StableDiffusionBackbone(pipe, DDPMScheduler.from_config(pipe.scheduler.config), "tiny sd")
+    if case.kind == "tiny-flux":
+        from accord.backbones.flux import FluxBackbone
+        from accord.testing.tiny import build_pipeline
+
+        return FluxBackbone(build_pipeline("flux"), "tiny flux")
     family = "sdxl" if case.kind == "sdxl" else "sd"
     unet_cfg = dict(SDXL_UNET if family == "sdxl" else SD15_UNET)
     unet_cfg.update(case.unet or {})
@@ -241,10 +303,10 @@ class Bench:
 
         # the fixed batch: random pixels (tiny) or random latents (real) and captions "1 sks backpack, girl, park"
         rng = random.Random(seed)
-        captions = [f"1 sks backpack, {', '.join(rng.sample(GENERAL_WORDS, 2))}" for _ in range(case.batch)]
-        split = [split_caption(c, "sks") for c in captions]
+        captions = [f"1 {case.trigger} backpack, {', '.join(rng.sample(GENERAL_WORDS, 2))}" for _ in range(case.batch)]
+        split = [split_caption(c, case.trigger) for c in captions]
         g = torch.Generator().manual_seed(seed)
-        if case.kind == "tiny-sd":
+        if case.kind.startswith("tiny"):
             pixels = torch.rand(case.batch, 3, case.size, case.size, generator=g) * 2 - 1
         else:
             pixels = torch.randn(case.batch, 4, case.size, case.size, generator=g).to(device)
@@ -278,10 +340,17 @@ class Bench:
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=model_input.device)
             timesteps = timesteps.long()
             noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
-            cond = self.plain_cond
+            # learned tokens (textual_inversion, custom_diffusion): the text encoder runs with gradient each step,
+            # as in diffusers' textual_inversion.py; otherwise pre-computed embeddings
+            cond = bb.encode_prompts(self.batch["caption"]) if self.method.trains_text else self.plain_cond
+            image = self.method.reference_condition(self.batch)  # image methods: the reference's condition
+            if image is not None:
+                cond = self.method.attach(cond, image)
             kwargs = {}
             if cond.pooled is not None:
                 kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+            if cond.image_embeds is not None:  # IP-Adapter: the UNet's image projection reads them
+                kwargs.setdefault("added_cond_kwargs", {})["image_embeds"] = [cond.image_embeds]
             model_pred = unet(noisy_model_input, timesteps, cond.embeds, return_dict=False, **kwargs)[0]
             if noise_scheduler.config.prediction_type == "epsilon":
                 target = noise
@@ -293,6 +362,7 @@ class Bench:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_optimizer_step()  # textual inversion: restore the rows it does not learn (as the script)
         return loss.detach().item()
 
     # -- (b)-(e) accord's step: compute_step + the body of train()'s loop ------------------------------
@@ -471,7 +541,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", action="store_true", help="real-size SD1.5 full fine-tune + SDXL LoRA-64 (needs CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--methods", nargs="+", default=None, help="tiny mode: methods (default: lora dreambooth)")
+    p.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+                   help=f"tiny mode: cases ({', '.join(TINY_CASES)}, or all; default: {' '.join(DEFAULT_CASES)})")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="--real: methods (dreambooth, lora); tiny mode: the same as --cases")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=32, help="tiny mode: pixels")
@@ -502,7 +575,9 @@ def main(argv=None, cases: list[Case] | None = None) -> dict:
     steps = args.steps if args.steps is not None else (4 if args.real else 3)
     rounds = args.rounds if args.rounds is not None else (3 if args.real else 5)
     if cases is None:
-        cases = real_cases(args.methods) if args.real else tiny_cases(args.methods or ["lora", "dreambooth"], args.batch, args.size)
+        names = args.cases or args.methods or list(DEFAULT_CASES)
+        names = list(TINY_CASES) if names == ["all"] else names
+        cases = real_cases(args.methods) if args.real else tiny_cases(names, args.batch, args.size)
     variants = [v for v in VARIANTS if v in args.variants]
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows: list[dict] = []
@@ -510,12 +585,15 @@ def main(argv=None, cases: list[Case] | None = None) -> dict:
     for case in cases:
         accelerator = Accelerator(cpu=device_name == "cpu", mixed_precision=case.mixed_precision)
         device = accelerator.device
-        log(f"{case.name}: batch {case.batch}, {'pixels' if case.kind == 'tiny-sd' else 'latents'} {case.size}, "
+        log(f"{case.name}: batch {case.batch}, {'pixels' if case.kind.startswith('tiny') else 'latents'} {case.size}, "
             f"{case.mixed_precision}, on {device_card(device)}; warm-up {warmup}, {rounds} rounds x {steps} steps")
         t0 = time.perf_counter()
         bench = Bench(case, accelerator)
         log(f"  built in {time.perf_counter() - t0:.1f}s, {bench.trainable / 1e6:.2f} M trainable parameters")
-        rows += measure(bench, variants, warmup, steps, rounds, log=log)
+        case_variants = [v for v in variants if v != "plain" or case.has_plain]
+        if case_variants != variants:
+            log("  (a) skipped: no stock UNet step for this backbone; ratios are against (b)")
+        rows += measure(bench, case_variants, warmup, steps, rounds, log=log)
         del bench
         accelerator.free_memory()  # the accelerator holds the prepared model and optimizer
         gc.collect()

@@ -42,11 +42,23 @@ def _check(result, variants, cases):
 def test_tiny_lora_reports_every_variant(overhead, tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# header\n")
-    result = overhead.main(["--device", "cpu", "--methods", "lora", "--warmup", "1", "--steps", "2", "--rounds", "1",
+    result = overhead.main(["--device", "cpu", "--cases", "lora", "--warmup", "1", "--steps", "2", "--rounds", "1",
                             "--quiet", "--append-results", str(out)])
     _check(result, overhead.VARIANTS, ["tiny SD lora"])
     text = out.read_text()
     assert text.startswith("# header\n") and "CPU:" in text and "| tiny SD lora | (d) accord DDLoss, mode=lean |" in text
+
+
+def test_cases_flag_names_every_tiny_case(overhead):
+    """--cases picks from the tiny registry (the newer methods, FLUX LoRA); only the default pair runs by default."""
+    cases = overhead.tiny_cases(list(overhead.TINY_CASES), 2, 32)
+    assert {c.method for c in cases} >= {"textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter"}
+    flux = [c for c in cases if c.kind == "tiny-flux"]
+    assert len(flux) == 1 and flux[0].method == "lora" and not flux[0].has_plain
+    assert [c.trigger for c in cases if c.method == "textual_inversion"] == ["<s*>"]
+    assert overhead.DEFAULT_CASES == ("lora", "dreambooth")
+    with pytest.raises(SystemExit, match="unknown case"):
+        overhead.tiny_cases(["nope"], 2, 32)
 
 
 def test_real_mode_stand_in_backbone_runs_shrunk(overhead):
