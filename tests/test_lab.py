@@ -110,6 +110,9 @@ def test_pretrain_recipe_runs_in_smoke_mode(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "w" / "sd")
     assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"
     assert len(judge.detect([render(random_scene(random.Random(0)))])) == 1
+    assert main(["lab", "quality", "--weights", str(tmp_path / "w"), "--captions", "2", "--renders", "20",
+                 "--sample-steps", "2", "--write"]) == 0
+    assert (tmp_path / "w" / "quality.json").is_file()
 
 
 def test_demo_end_to_end_shortened(tmp_path):

@@ -1,4 +1,5 @@
-"""``accord lab``: the synthetic coupling lab — ``pretrain`` its miniature models, ``bench`` the methods."""
+"""``accord lab``: the synthetic coupling lab — ``pretrain`` its miniature models, measure their ``quality``,
+``bench`` the methods."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ def add_arguments(parser) -> None:
     b.add_argument("--sample-steps", type=int, default=25)
     b.add_argument("--weights", help="lab weights folder (default: the shipped one)")
     b.add_argument("--no-progress", action="store_true")
+    q = sub.add_parser("quality", help="measure the quality bars: detector accuracy, mini-CLIP retrieval, T2I compositional accuracy")
+    q.add_argument("--weights", help="lab weights folder (default: the shipped one)")
+    q.add_argument("--captions", type=int, default=100, help="held-out captions for the T2I measurement")
+    q.add_argument("--renders", type=int, default=1000, help="fresh renders for the detector measurement")
+    q.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the T2I measurement")
+    q.add_argument("--write", action="store_true", help="also write quality.json into the weights folder")
 
 
 def _pretrain(args) -> int:
@@ -76,10 +83,27 @@ def _bench(args) -> int:
     return 0
 
 
+def _quality(args) -> int:
+    from .experiment import quiet
+    from .judge import weights_dir
+    from .quality import measure
+
+    quiet()
+    q = measure(args.weights, n_t2i=args.captions, n_renders=args.renders, t2i_steps=args.sample_steps)
+    q.pop("_t2i")
+    text = json.dumps(q, indent=1)
+    print(text)
+    if args.write:
+        (weights_dir(args.weights) / "quality.json").write_text(text + "\n")
+    return 0
+
+
 def run(args) -> int:
+    if args.lab_command == "quality":
+        return _quality(args)
     if args.lab_command == "pretrain":
         return _pretrain(args)
     if args.lab_command == "bench":
         return _bench(args)
-    print("usage: accord lab {pretrain,bench} ... (see accord lab --help)")
+    print("usage: accord lab {pretrain,quality,bench} ... (see accord lab --help)")
     return 2

@@ -110,7 +110,7 @@ def train_vae(out: Path, r: Recipe) -> None:
         if step % 25 == 0 or step == r.vae_steps:
             _log(out, "vae", step, r.vae_steps, t0, loss=loss.item(), mse=F.mse_loss(rec, x).item())
     with torch.no_grad():
-        _, x = _batch(rng, 256, PATTERNS)
+        _, x = _batch(rng, min(256, r.pool), PATTERNS)
         std = vae.encode(x).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(out / "stages" / "vae")  # the UNet stage may start from here

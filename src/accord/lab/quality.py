@@ -76,8 +76,8 @@ def t2i_accuracy(judge: Judge, weights=None, n: int = 100, seed: int = HELD_OUT_
             "images": images, "prompts": prompts}
 
 
-def measure(weights=None, n_t2i: int = 100) -> dict:
+def measure(weights=None, n_t2i: int = 100, n_renders: int = 1000, t2i_steps: int = 25) -> dict:
     judge = Judge(weights)
-    t2i = t2i_accuracy(judge, weights, n=n_t2i)
-    return {"detector": detector_accuracy(judge), "clip": clip_retrieval(judge),
+    t2i = t2i_accuracy(judge, weights, n=n_t2i, steps=t2i_steps)
+    return {"detector": detector_accuracy(judge, n=n_renders), "clip": clip_retrieval(judge, n=min(100, n_renders)),
             "t2i": {k: v for k, v in t2i.items() if k not in ("images", "prompts")}, "_t2i": t2i}
