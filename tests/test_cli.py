@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ def _run(*args, cwd=None, timeout=400):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_quickstart_then_generate(tmp_path):
     run = _run("quickstart", "--steps", "2", "--output", tmp_path / "qs")
     assert run.returncode == 0, run.stderr[-2000:]

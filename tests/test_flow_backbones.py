@@ -28,6 +28,7 @@ def _image(pipe):
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.slow
 def test_lora_with_ddloss_trains_and_loads_into_stock_pipeline(family, tiny_model_dir, refs, tmp_path):
     import diffusers
 

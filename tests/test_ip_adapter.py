@@ -91,6 +91,7 @@ def test_ip_adapter_trains_and_loads_with_stock_diffusers(tiny_model_dir, pairs,
     assert image.shape == (32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
 
+@pytest.mark.slow
 def test_ip_adapter_ddp_two_processes_end_identical(tiny_model_dir, pairs, encoder_dir, tmp_path):
     config = _config(tiny_model_dir("sd"), pairs, encoder_dir, tmp_path / "ddp", batch_size=1)
     path = tmp_path / "ddp.yaml"

@@ -99,6 +99,7 @@ def test_shipped_detector_is_accurate_on_fresh_renders():
     assert PLACES
 
 
+@pytest.mark.slow
 def test_pretrain_recipe_runs_in_smoke_mode(tmp_path):
     from accord.cli import main
     from accord.lab.judge import Judge
@@ -115,6 +116,7 @@ def test_pretrain_recipe_runs_in_smoke_mode(tmp_path):
     assert (tmp_path / "w" / "quality.json").is_file()
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_shortened(tmp_path):
     from accord.cli import main
 

@@ -135,6 +135,7 @@ def _sample(pipe, prompt):
 
 
 @pytest.mark.parametrize("method,kind", TABLE)
+@pytest.mark.slow
 def test_train_then_stock_pipeline_generates(trained, method, kind):
     out, _, base = trained(method, kind)
     assert (out / "config.yaml").is_file()

@@ -62,6 +62,7 @@ def test_lora_run_loads_into_stock_pipeline(model, refs, tmp_path):
     assert abs(tuned - base).max() > 0, "the trained LoRA should change the image"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(model, refs, tmp_path):
     steps = 10
     common = dict(train={"max_steps": steps, "checkpoint_every": 2, "checkpoints_total_limit": None, "batch_size": 2})
@@ -108,6 +109,7 @@ def test_resume_refuses_a_different_config(model, refs, tmp_path):
         train(changed, resume="latest", progress=False)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_end_identical(model, refs, tmp_path):
     cfg = _write(tiny_config(model, refs, tmp_path / "ddp", train={"max_steps": 3, "batch_size": 1}), tmp_path / "d.yaml")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -211,6 +213,7 @@ def test_bad_config_is_one_line(model, refs, tmp_path, override, message):
     assert len(lines) == 1 and message in lines[0], run.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_is_one_line(model, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -235,6 +238,7 @@ def test_missing_model_offline_is_one_line(refs, tmp_path):
     assert "HF_HUB_OFFLINE" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_loop_options_run_together(model, refs, tmp_path):
     """Accumulation, logit-normal timesteps, min-SNR, noise offset, checkpointing, bf16 autocast,
     cached latents, validation grids and TensorBoard logs in one short run."""
@@ -273,6 +277,7 @@ def test_lora_with_text_encoder(model, refs, tmp_path):
     assert any(k.startswith("lora_unet_") for k in kohya)
 
 
+@pytest.mark.slow
 def test_sdxl_buckets_feed_each_sample_its_size_conditioning(tiny_model_dir, tmp_path):
     """Aspect-ratio buckets batch same-size images; SDXL time ids carry each sample's original size
     and crop instead of a fixed square."""

@@ -25,6 +25,7 @@ def refs(tmp_path_factory, dreambench):
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.slow
 def test_visual_encoder_trains_loads_and_generates(kind, tiny_model_dir, encoder_dir, refs, tmp_path):
     from diffusers import DiffusionPipeline
     from safetensors.torch import load_file
