@@ -77,7 +77,6 @@ def _shipped_or_skip():
 
 def test_shipped_detector_is_accurate_on_fresh_renders():
     from accord.lab.judge import Judge
-    from accord.lab.pretrain import labels_of
     from accord.lab.world import PLACES
 
     judge = Judge(_shipped_or_skip())

@@ -77,12 +77,29 @@ class Backbone:
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    # -- the VAE (every family encodes images the same way) -------------------------------------------
+    def latent_distribution(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the VAE posterior (what latent caching stores)."""
+        dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
 
-    def pipeline(self):  # pragma: no cover - interface
+    def latents_from(self, mean, std, generator=None) -> torch.Tensor:
+        """Sample the posterior like ``DiagonalGaussianDistribution.sample``, then shift and scale as the
+        pipelines undo it before decoding."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (mean + std * noise - shift) * self.vae.config.scaling_factor
+
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents_from(*self.latent_distribution(pixel_values), generator=generator)
+
+    @property
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def pipeline(self):
         """A stock diffusers pipeline that shares this backbone's modules (for validation and saving)."""
-        raise NotImplementedError
+        return self._pipe
 
     def projected_text_features(self, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - interface
         """CLIP projection-space features of prompts (PDLoss), with gradient through learned tokens."""

@@ -50,25 +50,6 @@ class FlowBackbone(Backbone):
         noisier steps. (diffusers' flow scripts index the descending grid, which flips that sign.)"""
         return self._grid[super().sample_timesteps(n, generator, train_cfg)]
 
-    # -- VAE ----------------------------------------------------------------------------------------
-    def latent_distribution(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of the VAE posterior (what latent caching stores)."""
-        dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
-        return dist.mean, dist.std
-
-    def latents_from(self, mean, std, generator=None) -> torch.Tensor:
-        """A posterior sample, shifted and scaled as the pipelines undo it before decoding."""
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (mean + std * noise - shift) * self.vae.config.scaling_factor
-
-    def encode_images(self, pixel_values, generator=None):
-        return self.latents_from(*self.latent_distribution(pixel_values), generator=generator)
-
-    @property
-    def latent_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def _check_size(self, latents: torch.Tensor) -> None:
         h, w = latents.shape[-2:]
         if h % self.patch or w % self.patch:
@@ -76,5 +57,3 @@ class FlowBackbone(Backbone):
             raise ConfigError(f"{self.family} needs image sides that are multiples of {step} pixels, got "
                               f"{h * self.latent_scale}x{w * self.latent_scale}; change data.resolution")
 
-    def pipeline(self):
-        return self._pipe

@@ -51,26 +51,7 @@ class _UNetBackbone(Backbone):
     def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         return _tokenize(tokenizer, self.prepare_prompts(prompts), self.device)
 
-    def latent_distribution(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of the VAE posterior (what latent caching stores)."""
-        dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
-        return dist.mean, dist.std
 
-    def latents_from(self, mean, std, generator=None) -> torch.Tensor:
-        """Sample the posterior like ``DiagonalGaussianDistribution.sample`` and apply the VAE's scaling."""
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (mean + std * noise - shift) * self.vae.config.scaling_factor
-
-    def encode_images(self, pixel_values, generator=None):
-        return self.latents_from(*self.latent_distribution(pixel_values), generator=generator)
-
-    def pipeline(self):
-        return self._pipe
-
-    @property
-    def latent_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
 class StableDiffusionBackbone(_UNetBackbone):

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from .judge import Judge, model_dir, score
-from .pretrain import labels_of
 from .world import PATTERNS, PRETRAIN_PATTERNS, SHAPES, caption, parse_caption, random_scene, render
 
 __all__ = ["detector_accuracy", "clip_retrieval", "t2i_accuracy", "measure"]

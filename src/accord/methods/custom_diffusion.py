@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .base import Method, load_named_state, named_trainable_state, register
 from .textual_inversion import LearnedTokens, load_embedding_file, unload_embeddings
 

@@ -58,7 +58,7 @@ class LoRA(Method):
         return mods
 
     def save(self, output_dir: Path) -> list[Path]:
-        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
