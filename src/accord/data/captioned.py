@@ -8,8 +8,6 @@ the same samples and the same drops. A Hugging Face ``datasets`` stream: :mod:`a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
@@ -17,7 +15,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from ..errors import DataError
 from .references import _check_folder, _read_sidecar, augmentation_generator, list_images
 
-__all__ = ["CaptionedImages"]
+__all__ = ["CaptionedImages", "center_square", "cfg_sample"]
 
 
 class CaptionedImages(torch.utils.data.Dataset):
@@ -39,26 +37,39 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:
-        path: Path = self.paths[index]
-        with Image.open(path) as im:
+        with Image.open(self.paths[index]) as im:
             img = im.convert("RGB")
-        w, h = img.size
-        scale = self.resolution / min(w, h)
-        img = img.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))), Image.BICUBIC)
-        left, top = (img.width - self.resolution) // 2, (img.height - self.resolution) // 2
-        img = img.crop((left, top, left + self.resolution, top + self.resolution))
         u = float(torch.rand((), generator=augmentation_generator(self.seed, self.epoch, index)))
-        drop_image = u < self.image_dropout or self.image_dropout + self.text_dropout <= u < (
-            self.image_dropout + self.text_dropout + self.both_dropout)
-        drop_text = self.image_dropout <= u < self.image_dropout + self.text_dropout + self.both_dropout
-        caption = "" if drop_text else self.captions[index]
-        return {
-            "pixel_values": pil_to_tensor(img).float().div(127.5).sub(1.0),
-            "caption": caption,
-            "personal": "",
-            "general": caption,
-            "index": index,
-            "drop_image": drop_image,
-            "original_size": torch.tensor([h, w]),
-            "crop_top_left": torch.tensor([round(top / scale), round(left / scale)]),
-        }
+        return cfg_sample(img, self.captions[index], index, u, (self.image_dropout, self.text_dropout, self.both_dropout),
+                          self.resolution)
+
+
+def center_square(img: Image.Image, resolution: int) -> tuple[Image.Image, float, int, int]:
+    """Resize the short side to ``resolution`` and crop the center square; returns (image, scale, top, left)."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution)), scale, top, left
+
+
+def cfg_sample(img: Image.Image, caption, index: int, u: float, dropouts: tuple[float, float, float],
+               resolution: int) -> dict:
+    """One training sample: center square, and IP-Adapter's CFG dropout decided by one uniform draw ``u``
+    (``[0, p_image)`` drops the image, ``[p_image, p_image + p_text)`` the caption, the next ``p_both`` both)."""
+    p_image, p_text, p_both = dropouts
+    h, w = img.height, img.width
+    img, scale, top, left = center_square(img, resolution)
+    drop_image = u < p_image or p_image + p_text <= u < p_image + p_text + p_both
+    drop_text = p_image <= u < p_image + p_text + p_both
+    caption = "" if drop_text or caption is None else str(caption)
+    return {
+        "pixel_values": pil_to_tensor(img).float().div(127.5).sub(1.0),
+        "caption": caption,
+        "personal": "",
+        "general": caption,
+        "index": index,
+        "drop_image": drop_image,
+        "original_size": torch.tensor([h, w]),
+        "crop_top_left": torch.tensor([round(top / scale), round(left / scale)]),
+    }

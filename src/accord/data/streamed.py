@@ -23,21 +23,12 @@ import itertools
 
 import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import ConfigError, DataError
+from .captioned import cfg_sample
 from .references import augmentation_generator
 
-__all__ = ["StreamedCaptions", "center_square"]
-
-
-def center_square(img: Image.Image, resolution: int) -> tuple[Image.Image, float, int, int]:
-    """Resize the short side to ``resolution`` and crop the center square; returns (image, scale, top, left)."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution)), scale, top, left
+__all__ = ["StreamedCaptions"]
 
 
 def _to_pil(value, feature=None) -> Image.Image:
@@ -137,21 +128,6 @@ class StreamedCaptions:
     def _sample(self, row: dict, position: int) -> dict:
         with _to_pil(row[self.image_column], self._image_feature) as im:
             img = im.convert("RGB")
-        h, w = img.height, img.width
-        img, scale, top, left = center_square(img, self.resolution)
         u = float(torch.rand((), generator=augmentation_generator(self.seed, 1_000_003 + self.rank, position)))
-        drop_image = u < self.image_dropout or self.image_dropout + self.text_dropout <= u < (
-            self.image_dropout + self.text_dropout + self.both_dropout)
-        drop_text = self.image_dropout <= u < self.image_dropout + self.text_dropout + self.both_dropout
-        caption = row[self.caption_column]
-        caption = "" if drop_text or caption is None else str(caption)
-        return {
-            "pixel_values": pil_to_tensor(img).float().div(127.5).sub(1.0),
-            "caption": caption,
-            "personal": "",
-            "general": caption,
-            "index": position,
-            "drop_image": drop_image,
-            "original_size": torch.tensor([h, w]),
-            "crop_top_left": torch.tensor([round(top / scale), round(left / scale)]),
-        }
+        return cfg_sample(img, row[self.caption_column], position, u,
+                          (self.image_dropout, self.text_dropout, self.both_dropout), self.resolution)

@@ -194,19 +194,7 @@ def train_detector(out: Path, r: Recipe) -> None:
     det = M.Detector()
     opt = torch.optim.AdamW(det.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=r.detector_steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(r.seed)
-    t0 = time.time()
-    for step in range(1, r.detector_steps + 1):
-        scenes, x = _batch(rng, r.batch, PATTERNS)
-        targets = [labels_of(s) for s in scenes]
-        logits = det(_augment(x, g))
-        loss = sum(F.cross_entropy(v, torch.tensor([t[k] for t in targets]), ignore_index=-1) for k, v in logits.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == r.detector_steps:
-            _log(out, "detector", step, r.detector_steps, t0, loss=loss.item())
+    _fit_detector(det, r, out, rng, torch.Generator().manual_seed(r.seed), opt, sched, r.detector_steps, "detector")
     detector_refine(det, r, out)
     from safetensors.torch import save_file
 
@@ -219,9 +207,14 @@ def detector_refine(det, r: Recipe, out: Path) -> None:
     rng = random.Random(r.seed + 12)
     opt = torch.optim.AdamW(det.parameters(), lr=5e-4, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, r.detector_refine_steps))
-    g = torch.Generator().manual_seed(r.seed + 12)
+    _fit_detector(det, r, out, rng, torch.Generator().manual_seed(r.seed + 12), opt, sched, r.detector_refine_steps,
+                  "detector-refine")
+
+
+def _fit_detector(det, r: Recipe, out: Path, rng, g, opt, sched, steps: int, stage: str) -> None:
+    """Cross-entropy on every attribute head, fresh augmented renders each step."""
     t0 = time.time()
-    for step in range(1, r.detector_refine_steps + 1):
+    for step in range(1, steps + 1):
         scenes, x = _batch(rng, r.batch, PATTERNS)
         targets = [labels_of(s) for s in scenes]
         logits = det(_augment(x, g))
@@ -230,8 +223,8 @@ def detector_refine(det, r: Recipe, out: Path) -> None:
         loss.backward()
         opt.step()
         sched.step()
-        if step % 25 == 0 or step == r.detector_refine_steps:
-            _log(out, "detector-refine", step, r.detector_refine_steps, t0, loss=loss.item())
+        if step % 25 == 0 or step == steps:
+            _log(out, stage, step, steps, t0, loss=loss.item())
 
 
 def train_unet(out: Path, r: Recipe) -> None:
