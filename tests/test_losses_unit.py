@@ -443,3 +443,20 @@ def test_image_features_shape_and_gradient():
     loss, _ = pd_loss(feats[:1], torch.randn(16), torch.randn(1, 2, 16))
     loss.backward()
     assert encoder.visual_projection.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers(prediction_type):
+    """The adapter's min-SNR weights equal diffusers' compute_snr recipe (the loop's only use of SNR)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from accord.losses import Parameterization
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    t = torch.tensor([0, 10, 300, 999])
+    snr = compute_snr(scheduler, t)
+    clipped = torch.minimum(snr, torch.full_like(snr, 5.0))
+    expected = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    torch.testing.assert_close(Parameterization(scheduler).min_snr_weight(t, 5.0), expected.float(), rtol=1e-5, atol=0)

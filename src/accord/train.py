@@ -172,7 +172,7 @@ class _LatentCache:
 
 
 def _diffusion_loss(config: Config, backbone, pred, target, timesteps, mask=None) -> torch.Tensor:
-    """Per-sample MSE, min-SNR weighted if asked (diffusers' ``compute_snr``). ``mask`` ``[B, 1, h, w]`` at
+    """Per-sample MSE, min-SNR weighted if asked (Hang et al. 2023, via the parameterization adapter). ``mask`` ``[B, 1, h, w]`` at
     latent size zeroes the error outside it; the mean stays over all elements (as Break-A-Scene's code)."""
     err = F.mse_loss(pred.float(), target.float(), reduction="none")
     if mask is not None:
@@ -180,13 +180,7 @@ def _diffusion_loss(config: Config, backbone, pred, target, timesteps, mask=None
     per = err.flatten(1).mean(1)
     gamma = config.train.snr_gamma
     if gamma:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(backbone.noise_scheduler, timesteps.to(backbone.noise_scheduler.alphas_cumprod.device))
-        snr = snr.to(per.device)
-        weight = torch.minimum(snr, torch.full_like(snr, gamma))
-        weight = weight / (snr + 1) if backbone.parameterization.kind == "v_prediction" else weight / snr
-        per = per * weight
+        per = per * backbone.parameterization.min_snr_weight(timesteps, gamma).to(per.device, per.dtype)
     return per
 
 

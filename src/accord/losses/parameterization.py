@@ -190,6 +190,18 @@ class Parameterization:
         b = torch.as_tensor(b_t, device=x0.device, dtype=x0.dtype).view(shape)
         return a * noise - b * x0
 
+    def min_snr_weight(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ loss weights (Hang et al., 2023) for this parameterization's target, per sample:
+        ``min(SNR, γ)/SNR`` for ε, ``min(SNR, γ)/(SNR + 1)`` for v, ``min(SNR, γ)`` for x₀, with
+        ``SNR = a_t²/b_t²`` (the weights diffusers' training scripts use with ``compute_snr``)."""
+        if self.kind == "flow":
+            raise ValueError("min-SNR weighting is defined for DDPM-style schedules, not flow matching")
+        a_t, b_t, *_ = self._levels(timesteps)
+        snr = torch.as_tensor(a_t**2 / b_t**2)
+        clipped = torch.clamp(snr, max=gamma)
+        weight = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[self.kind]
+        return weight.float()
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``x_t = a_t·x_0 + b_t·noise`` for the given timesteps (the trainer's forward process)."""
         a_t, b_t, *_ = self._levels(timesteps)
