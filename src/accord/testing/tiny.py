@@ -176,10 +176,18 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
     }
 
 
+def _tiny_t5(d_model: int):
+    """A 2-layer T5 encoder over the CLIP vocabulary (the stand-in tokenizer of the T5 slot)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=49408, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0))
+
+
 def tiny_flux_components(seed: int = 0) -> dict:
     """FLUX-like: ``FluxTransformer2DModel``, CLIP (pooled) + T5 (sequence), flow-matching scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -193,9 +201,7 @@ def tiny_flux_components(seed: int = 0) -> dict:
         pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
     )
-    t5 = T5EncoderModel(
-        T5Config(vocab_size=49408, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0)
-    )
+    t5 = _tiny_t5(d_model=32)
     return {
         "transformer": transformer,
         "scheduler": FlowMatchEulerDiscreteScheduler(),
@@ -213,7 +219,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
     """SD3-like (after diffusers' own SD3 pipeline tests): ``SD3Transformer2DModel`` with 2×2 patches,
     CLIP-L + CLIP-G (both with projection; pooled = both concatenated) + T5, flow matching with shift 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -229,9 +235,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
         pooled_projection_dim=64,  # 32 + 32 projected CLIP outputs
         pos_embed_max_size=16,
     )
-    t5 = T5EncoderModel(
-        T5Config(vocab_size=49408, d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0)
-    )
+    t5 = _tiny_t5(d_model=64)
     return {
         "transformer": transformer,
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
