@@ -116,3 +116,26 @@ def test_flow_families_reject_ddpm_settings_in_one_line(section, key, value, mes
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
         train(config.validate(), progress=False)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_t5_length_is_configurable_and_checked(family, tiny_model_dir, refs, tmp_path):
+    from accord.backbones import load_backbone
+
+    config = tiny_config(tiny_model_dir(family), refs, tmp_path / "t")
+    config.model.max_sequence_length = 16
+    backbone = load_backbone(config.model)
+    clip_tokens = backbone.tokenizers[0].model_max_length if family == "sd3" else 0  # SD3 joins CLIP's and T5's sequences
+    assert backbone.encode_prompts(["a sks backpack, girl"]).embeds.shape[1] == clip_tokens + 16
+    config.model.max_sequence_length = 4096
+    with pytest.raises(ConfigError, match=r"model.max_sequence_length=4096: this .* takes 1 to \d+ T5 tokens"):
+        load_backbone(config.model)
+
+
+def test_t5_length_is_refused_for_clip_only_backbones(tiny_model_dir, refs, tmp_path):
+    from accord.backbones import load_backbone
+
+    config = tiny_config(tiny_model_dir("sd"), refs, tmp_path / "t")
+    config.model.max_sequence_length = 16
+    with pytest.raises(ConfigError, match="model.max_sequence_length is for flux/sd3"):
+        load_backbone(config.model)

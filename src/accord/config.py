@@ -54,6 +54,10 @@ class ModelConfig:
         1.0, "FLUX.1-dev (guidance-distilled): the value fed to its guidance embedding during training "
         "(diffusers' train_dreambooth_lora_flux.py uses 1.0); unused by models without one"
     )
+    max_sequence_length: int | None = _f(
+        None, "FLUX/SD3: T5 tokens per prompt (default: the pipeline's, 512 for FLUX.1-dev, 256 for FLUX.1-schnell "
+        "and SD3); fewer train faster when captions are short (accord generate reads it from the run)"
+    )
 
 
 @dataclass

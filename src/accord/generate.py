@@ -31,6 +31,13 @@ def generate(source: str, prompts: list[str], output: Path, *, num_images: int =
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    extra = {}
+    if Path(source).is_dir():  # a FLUX/SD3 run trained on fewer T5 tokens generates with the same number
+        from .inference import read_run_config
+
+        length = (read_run_config(Path(source)).get("model") or {}).get("max_sequence_length")
+        if length is not None:
+            extra["max_sequence_length"] = int(length)
     output.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
     for p_index, prompt in enumerate(tqdm(prompts, desc="accord generate", disable=not progress)):
@@ -38,7 +45,7 @@ def generate(source: str, prompts: list[str], output: Path, *, num_images: int =
         for i in range(num_images):
             gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + p_index * 1009 + i)
             image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
-                         height=height, width=width).images[0]
+                         height=height, width=width, **extra).images[0]
             slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
             path = output / f"{p_index:03d}-{slug}-{i:02d}.png"
             image.save(path)

@@ -119,8 +119,19 @@ def load_backbone(model_cfg, *, resolution: int = 512, pd_clip: str | None = Non
 
         pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family)
         if family == "flux":
-            return FluxBackbone(pipe, model_cfg.pretrained, guidance=model_cfg.flux_guidance)
-        return StableDiffusion3Backbone(pipe, model_cfg.pretrained)
+            backbone = FluxBackbone(pipe, model_cfg.pretrained, guidance=model_cfg.flux_guidance)
+        else:
+            backbone = StableDiffusion3Backbone(pipe, model_cfg.pretrained)
+        if model_cfg.max_sequence_length is not None:
+            limit = 256 if family == "flux" and backbone.guidance is None else 512
+            if not 1 <= model_cfg.max_sequence_length <= limit:
+                raise ConfigError(f"model.max_sequence_length={model_cfg.max_sequence_length}: this {family} model "
+                                  f"takes 1 to {limit} T5 tokens; set a value in that range or null for the default")
+            backbone.max_sequence_length = model_cfg.max_sequence_length
+        return backbone
+    if model_cfg.max_sequence_length is not None:
+        raise ConfigError(f"model.max_sequence_length is for flux/sd3 (T5 prompts); {family} reads 77 CLIP tokens: "
+                          "set it to null")
     pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family)
     # Train on the DDPM grid of the model's own schedule (as diffusers' training scripts do).
     noise_scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
