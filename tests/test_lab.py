@@ -115,3 +115,41 @@ def test_demo_end_to_end_shortened(tmp_path):
     assert "leak rate" in html and "leak_rates.png" in html
     assert (out / "leak_rates.png").is_file() and (out / "dependence_shift.png").is_file()
     assert "| lora | dd |" in (out / "summary.md").read_text()
+
+
+def test_bench_regularizer_names_and_weights():
+    from accord.errors import AccordError
+    from accord.lab.runner import DD_WEIGHT, regularizer_config, settings_for
+
+    assert regularizer_config("dd") == {"accord": {"dd_weight": DD_WEIGHT}}
+    assert regularizer_config("dd@20") == {"accord": {"dd_weight": 20.0}}
+    assert regularizer_config("sude@0.8") == {"regularizers": {"sude_weight": 0.8}}
+    for bad in ("ddd", "dd@", "dd@-1", "dd@x", "prior@2"):
+        with pytest.raises(AccordError, match="NAME@WEIGHT"):
+            regularizer_config(bad)
+    assert "sude" in settings_for("lora") and "classdiffusion" not in settings_for("lora")
+    assert {"pd", "classdiffusion", "sude"} <= set(settings_for("textual_inversion"))
+
+
+def test_bench_refuses_a_regularizer_no_method_takes(capsys):
+    from accord.cli import main
+
+    assert main(["lab", "bench", "--methods", "lora", "--regularizers", "pd", "--output", "unused"]) != 0
+    err = capsys.readouterr().err
+    assert "--regularizers 'pd' applies to none of --methods lora" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_bench_comparator_rows_run(tmp_path):
+    from accord.cli import main
+
+    weights = _shipped_or_skip()
+    out = tmp_path / "bench"
+    assert main(["lab", "bench", "--methods", "textual_inversion", "--regularizers", "sude", "classdiffusion",
+                 "dd@20", "--seeds", "1", "--steps", "2", "--images", "1", "--sample-steps", "2", "--weights",
+                 str(weights), "--output", str(out), "--no-progress"]) == 0
+    summary = (out / "summary.md").read_text()
+    for reg in ("sude", "classdiffusion", "dd@20"):
+        assert f"| textual_inversion | {reg} |" in summary
+    runs = {p.name for p in (out / "runs").iterdir()}
+    assert {"textual_inversion-sude-s0", "textual_inversion-classdiffusion-s0", "textual_inversion-dd@20-s0"} <= runs

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import AccordError
 from . import task
 from .judge import Judge, model_dir, score
 
-__all__ = ["METHODS", "REGULARIZERS", "Setting", "run_setting", "settings_for"]
+__all__ = ["METHODS", "REGULARIZERS", "Setting", "regularizer_config", "run_setting", "settings_for"]
 
 # Per-method recipe (the paper's Sec. 4 hyper-parameters scaled to the lab: lr, trigger, trained parts).
 METHODS: dict[str, dict] = {
@@ -32,15 +33,40 @@ METHODS: dict[str, dict] = {
 }
 # The paper's loss weights (Sec. 4: DDLoss 0.1-0.3, PDLoss 0.001-0.003), fixed before any lab result.
 DD_WEIGHT, PD_WEIGHT = 0.2, 0.002
+SUDE_WEIGHT, CLASSDIFFUSION_WEIGHT = 0.5, 0.1
 REGULARIZERS: dict[str, dict] = {
     "none": {},
     "dd": {"accord": {"dd_weight": DD_WEIGHT}},
     "pd": {"accord": {"pd_weight": PD_WEIGHT}},
     "dd+pd": {"accord": {"dd_weight": DD_WEIGHT, "pd_weight": PD_WEIGHT}},
     "prior": {"data": {"with_prior_preservation": True, "num_class_images": 20}},
+    # Comparators (docs/regularizers.md's example weights, fixed before any lab result).
+    "sude": {"regularizers": {"sude_weight": SUDE_WEIGHT}},
+    "classdiffusion": {"regularizers": {"classdiffusion_weight": CLASSDIFFUSION_WEIGHT}},
 }
 _PD_METHODS = ("textual_inversion", "custom_diffusion")  # c_p is trainable there
 _PRIOR_METHODS = ("dreambooth", "custom_diffusion")  # the paper's baselines that use class images
+
+
+_WEIGHT_KEYS = {"dd": ("accord", "dd_weight"), "pd": ("accord", "pd_weight"),
+                "sude": ("regularizers", "sude_weight"), "classdiffusion": ("regularizers", "classdiffusion_weight")}
+
+
+def regularizer_config(name: str) -> dict:
+    """The config overrides of a regularizer setting: a name of :data:`REGULARIZERS`, or ``NAME@WEIGHT``
+    (e.g. ``dd@20``) for an investigation at another weight — the protocol's rows keep the fixed weights."""
+    if name in REGULARIZERS:
+        return REGULARIZERS[name]
+    base, _, weight = name.partition("@")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = -1.0
+    if base not in _WEIGHT_KEYS or not value > 0:
+        raise AccordError(f"regularizer {name!r}: choose from {', '.join(REGULARIZERS)}, or NAME@WEIGHT with NAME in "
+                          f"{', '.join(_WEIGHT_KEYS)} and a positive WEIGHT (e.g. dd@20)")
+    section, key = _WEIGHT_KEYS[base]
+    return {section: {key: value}}
 
 
 def settings_for(method: str) -> list[str]:
@@ -50,6 +76,9 @@ def settings_for(method: str) -> list[str]:
         regs += ["pd", "dd+pd"]
     if method in _PRIOR_METHODS:
         regs.append("prior")
+    regs.append("sude")  # SuDe needs only the class word, so every method can take it
+    if method in _PD_METHODS:
+        regs.append("classdiffusion")  # ClassDiffusion needs a trained text side, like PDLoss
     return regs
 
 
@@ -94,7 +123,7 @@ def build_config(s: Setting, refs: Path, out: Path, weights: Path | None = None)
                   "seed": s.seed, "checkpoint_every": every, "checkpoints_total_limit": None, "log_every": 10 ** 6,
                   "report_to": "none", "cache_latents": True, "overwrite_output_dir": True},
     }
-    return config_from_dict(_merge(data, REGULARIZERS[s.regularizer])).validate()
+    return config_from_dict(_merge(data, regularizer_config(s.regularizer))).validate()
 
 
 def references(folder: Path, trigger: str) -> Path:
