@@ -140,16 +140,38 @@ def test_bench_refuses_a_regularizer_no_method_takes(capsys):
 
 
 @pytest.mark.slow
-def test_bench_comparator_rows_run(tmp_path):
+def test_bench_comparator_and_break_a_scene_rows_run(tmp_path):
     from accord.cli import main
 
     weights = _shipped_or_skip()
     out = tmp_path / "bench"
-    assert main(["lab", "bench", "--methods", "textual_inversion", "--regularizers", "sude", "classdiffusion",
-                 "dd@20", "--seeds", "1", "--steps", "2", "--images", "1", "--sample-steps", "2", "--weights",
-                 str(weights), "--output", str(out), "--no-progress"]) == 0
+    assert main(["lab", "bench", "--methods", "textual_inversion", "break_a_scene", "--regularizers", "sude",
+                 "classdiffusion", "dd@20", "--seeds", "1", "--steps", "2", "--images", "1", "--sample-steps", "1",
+                 "--weights", str(weights), "--output", str(out), "--no-progress"]) == 0
     summary = (out / "summary.md").read_text()
-    for reg in ("sude", "classdiffusion", "dd@20"):
-        assert f"| textual_inversion | {reg} |" in summary
-    runs = {p.name for p in (out / "runs").iterdir()}
-    assert {"textual_inversion-sude-s0", "textual_inversion-classdiffusion-s0", "textual_inversion-dd@20-s0"} <= runs
+    for row in ("textual_inversion | sude", "textual_inversion | classdiffusion", "textual_inversion | dd@20",
+                "break_a_scene | dd@20"):
+        assert f"| {row} |" in summary
+    assert "| break_a_scene | sude |" not in summary  # SuDe does not apply to Break-A-Scene: no row, no run
+
+
+def test_masked_references_hold_the_subjects_exact_pixels(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from accord.data.references import scan_references
+
+    folder = task.write_masked_references(tmp_path / "refs", "<asset0>")
+    entries = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(entries) == len(task.reference_scenes())
+    for entry, scene in zip(entries, task.reference_scenes()):
+        mask = np.asarray(Image.open(folder / entry["masks"]["<asset0>"])) > 0
+        image = np.asarray(Image.open(folder / entry["file_name"]))
+        subject = scene.find(task.SUBJECT.shape)
+        assert mask.sum() > 50 and (image[mask] != BACKGROUNDS[scene.background]).any(axis=-1).all()
+        assert entry["general"] == f"yellow triangle, {scene.background} background"
+        assert subject is not None
+    refs = scan_references(folder, trigger="<asset0>", class_noun="circle")
+    assert len(refs) == len(entries)  # the masks are not taken for references
+

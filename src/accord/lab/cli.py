@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: proves the recipe runs")
     b = sub.add_parser("bench", help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
     b.add_argument("--output", default="accord-lab-bench", help="run folder (report.html, summary.md, runs/)")
-    b.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion", "custom_diffusion"])
+    b.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion", "custom_diffusion", "break_a_scene"])
     b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight")
     b.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
     b.add_argument("--steps", type=int, default=150, help="training steps per run")

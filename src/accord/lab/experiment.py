@@ -60,6 +60,9 @@ def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: 
     seconds = time.time() - t0
     report = write_report(folder, results, title=title, intro=intro + f" Wall time: {seconds / 60:.1f} min.",
                           grids=grids, notes=notes(results) if callable(notes) else (notes or ""))
-    (folder / "summary.md").write_text(format_table(summarize(results)) + "\n")
+    from .task import CATEGORIES
+
+    per_category = "".join(f"\n### {c}\n\n{format_table(summarize(results, c))}\n" for c in CATEGORIES)
+    (folder / "summary.md").write_text(format_table(summarize(results)) + "\n" + per_category)
     (folder / "results.json").write_text(json.dumps(results))
     return results, report, seconds

@@ -3,7 +3,7 @@
 * ``mini_clip_text`` — a CLIP text tower (``CLIPTextModelWithProjection``, real CLIP tokenizer, 32 tokens);
   its weights double as the pipeline's ``text_encoder`` (a ``CLIPTextModel`` ignores the projection).
 * :class:`ImageTower` — a small CNN whose projection lives in the same space (contrastive training).
-* ``lab_vae`` / ``lab_unet`` — a tiny ``AutoencoderKL`` (32 px → 8×8×4) and ``UNet2DConditionModel``.
+* ``lab_vae`` / ``lab_unet`` — a tiny ``AutoencoderKL`` (32 px → 16×16×4) and ``UNet2DConditionModel``.
 * :class:`Detector` — per-attribute classifier heads over the world's label space.
 """
 
@@ -64,8 +64,8 @@ def lab_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 64], layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
         norm_num_groups=16, sample_size=32,
     )
 
@@ -73,10 +73,13 @@ def lab_vae():
 def lab_unet():
     from diffusers import UNet2DConditionModel
 
+    # 16x16 latents: plain ResNet blocks at 16x16, cross-attention at 8x8 and 4x4 (self-attention over
+    # 256 positions would dominate the CPU step time).
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=EMBED,
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=EMBED,
         attention_head_dim=16, norm_num_groups=16,
     )
 

@@ -2,9 +2,10 @@
 
 Stages (each writes into ``<out>/stages/`` and can run in its own process):
 
-1. ``vae``      — ``AutoencoderKL`` 32 px → 8×8×4, L1 + LPIPS-free MSE + a small KL; scaling factor = 1/std.
+1. ``vae``      — ``AutoencoderKL`` 32 px → 16×16×4, L1 + LPIPS-free MSE + a small KL; scaling factor = 1/std.
 2. ``clip``     — mini-CLIP: text tower + image tower, symmetric InfoNCE (Radford et al., 2021) on
-                  (render, caption) pairs.
+                  (render, caption) pairs, plus one hard-negative caption per image (a shape, colour or side
+                  swapped; NegCLIP) so that the text tower, which the UNet is conditioned on, tells shapes apart.
 3. ``detector`` — per-attribute classifier on fresh renders (blur/noise augmented, all patterns).
 4. ``unet``     — ``UNet2DConditionModel`` on the frozen text tower, epsilon prediction, 10% empty captions
                   (classifier-free guidance); needs ``vae`` and ``clip``.
@@ -36,12 +37,12 @@ STAGES = ("vae", "clip", "detector", "unet", "assemble")
 @dataclass
 class Recipe:
     seed: int = 0
-    vae_steps: int = 300
+    vae_steps: int = 1600
     vae_refine_steps: int = 0  # decoder-only phase; 50 steps did not lower the error on 2026-11-26
-    clip_steps: int = 200
+    clip_steps: int = 1000
     detector_steps: int = 800
     detector_refine_steps: int = 400
-    unet_steps: int = 1500
+    unet_steps: int = 3000
     batch: int = 48
     pool: int = 20000  # scenes cached for the UNet stage
 
@@ -95,7 +96,7 @@ def train_vae(out: Path, r: Recipe) -> None:
     rng = random.Random(r.seed)
     vae = M.lab_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, r.vae_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=r.vae_steps, pct_start=0.05)
     t0 = time.time()
     for step in range(1, r.vae_steps + 1):
         _, x = _batch(rng, r.batch // 2, PATTERNS)
@@ -148,11 +149,36 @@ def vae_refine(vae, r: Recipe, out: Path, save_every: int = 0) -> None:
     vae.requires_grad_(True)
 
 
-def clip_loss(img_feat, txt_feat, logit_scale) -> torch.Tensor:
+def clip_loss(img_feat, txt_feat, logit_scale, neg_feat=None) -> torch.Tensor:
+    """Symmetric InfoNCE; ``neg_feat`` adds hard-negative captions to the image→text side only (NegCLIP,
+    Yuksekgonul et al., ICLR 2023)."""
     img, txt = F.normalize(img_feat, dim=-1), F.normalize(txt_feat, dim=-1)
     logits = logit_scale.exp() * img @ txt.T
     labels = torch.arange(len(img))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    i2t = logits if neg_feat is None else torch.cat([logits, logit_scale.exp() * img @ F.normalize(neg_feat, dim=-1).T], 1)
+    return (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def hard_negative(rng: random.Random, caption_text: str) -> str:
+    """The caption with one object's shape or colour swapped for one the caption does not use (or its side
+    swapped): plain
+    contrastive training on this world learns colours and backgrounds first and leaves the shape words
+    nearly interchangeable in the text tower (cosine 0.99 between "red square" and "red circle" after 200
+    steps), which no UNet trained on that tower can undo."""
+    phrases = caption_text.split(", ")
+    objects = [i for i, p in enumerate(phrases) if not p.endswith(" background")]
+    i = rng.choice(objects)
+    words = phrases[i].split(" ")
+    used = set(caption_text.replace(",", "").split(" "))
+    u = rng.random()
+    if u < 0.2 and words[-1] in ("left", "right"):  # the other side
+        words[-1] = "right" if words[-1] == "left" else "left"
+    else:
+        kind = SHAPES if u < 0.75 else tuple(COLORS)
+        j = next(k for k, w in enumerate(words) if w in kind)
+        words[j] = rng.choice([w for w in kind if w not in used])
+    phrases[i] = " ".join(words)
+    return ", ".join(phrases)
 
 
 def tokenize(tok, captions: list[str]) -> torch.Tensor:
@@ -171,8 +197,10 @@ def train_clip(out: Path, r: Recipe) -> None:
     t0 = time.time()
     for step in range(1, r.clip_steps + 1):
         scenes, x = _batch(rng, 2 * r.batch, PRETRAIN_PATTERNS)
-        ids = tokenize(tok, [random_caption(rng, s) for s in scenes])
-        loss = clip_loss(image(_augment(x, g)), text(ids).text_embeds, logit_scale)
+        captions = [random_caption(rng, s) for s in scenes]
+        ids = tokenize(tok, captions + [hard_negative(rng, c) for c in captions])
+        embeds = text(ids).text_embeds
+        loss = clip_loss(image(_augment(x, g)), embeds[:len(scenes)], logit_scale, embeds[len(scenes):])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

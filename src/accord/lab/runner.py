@@ -30,6 +30,10 @@ METHODS: dict[str, dict] = {
                           "train": {"learning_rate": 5e-3}, "trigger": "<sks>"},
     "custom_diffusion": {"method": {"name": "custom_diffusion", "modifier_token": "<new1>"},
                          "train": {"learning_rate": 1e-3}, "trigger": "<new1>"},
+    # One masked subject (the circle); the triangle and background are context. Phase 1 (tokens only) takes
+    # the first half of the steps, at TI's rate; phase 2 adds a rank-8 UNet LoRA at LoRA's rate.
+    "break_a_scene": {"method": {"name": "break_a_scene", "bas_phase1_lr": 5e-3, "lora_rank": 8},
+                      "train": {"learning_rate": 1e-3}, "trigger": "<asset0>"},
 }
 # The paper's loss weights (Sec. 4: DDLoss 0.1-0.3, PDLoss 0.001-0.003), fixed before any lab result.
 DD_WEIGHT, PD_WEIGHT = 0.2, 0.002
@@ -72,6 +76,8 @@ def regularizer_config(name: str) -> dict:
 def settings_for(method: str) -> list[str]:
     """The regularizer settings that apply to ``method``."""
     regs = ["none", "dd"]
+    if method == "break_a_scene":  # its own masked loss; SuDe's class prompts do not fit its union prompts
+        return regs
     if method in _PD_METHODS:
         regs += ["pd", "dd+pd"]
     if method in _PRIOR_METHODS:
@@ -113,11 +119,14 @@ def build_config(s: Setting, refs: Path, out: Path, weights: Path | None = None)
     recipe = METHODS[s.method]
     model = model_dir(weights)
     every = max(1, s.steps // s.checkpoints) if s.checkpoints else 0
+    method = dict(recipe["method"])
+    if s.method == "break_a_scene":
+        method["bas_phase1_steps"] = s.steps // 2
     data = {
         "model": {"pretrained": str(model)},
         "data": {"instance_dir": str(refs), "class_noun": task.CLASS_NOUN, "trigger": recipe["trigger"],
                  "resolution": 32, "class_dir": str(out.parent / "class-images"), "class_prompt": "circle"},
-        "method": recipe["method"],
+        "method": method,
         "accord": {"pd_clip": str(model / "text_encoder")},
         "train": {**recipe["train"], "output_dir": str(out), "max_steps": s.steps, "batch_size": s.batch_size,
                   "seed": s.seed, "checkpoint_every": every, "checkpoints_total_limit": None, "log_every": 10 ** 6,
@@ -126,8 +135,10 @@ def build_config(s: Setting, refs: Path, out: Path, weights: Path | None = None)
     return config_from_dict(_merge(data, regularizer_config(s.regularizer))).validate()
 
 
-def references(folder: Path, trigger: str) -> Path:
-    """The task's references with ``trigger`` in the captions."""
+def references(folder: Path, trigger: str, method: str = "lora") -> Path:
+    """The task's references with ``trigger`` in the captions (masked, for Break-A-Scene)."""
+    if method == "break_a_scene":
+        return task.write_masked_references(folder, trigger)
     task.write_references(folder)
     for txt in folder.glob("*.txt"):
         txt.write_text(txt.read_text().replace(f"{task.TRIGGER} ", f"{trigger} "))
@@ -154,6 +165,11 @@ def sample(pipe, prompts: list[str], s: Setting) -> list[np.ndarray]:
     return out
 
 
+def _reference_images(refs: Path) -> list[Path]:
+    """The reference images (those with a caption sidecar; Break-A-Scene's masks have none)."""
+    return sorted(p for p in refs.glob("*.png") if p.with_suffix(".txt").is_file())
+
+
 @torch.no_grad()
 def dependence_shift(pipe, refs: Path, trigger: str, seed: int = 1234, draws: int = 8) -> float:
     """Mean |Δ| of Eq. 7 (nats per element) over the references' captions at fixed noise and timesteps:
@@ -165,7 +181,7 @@ def dependence_shift(pipe, refs: Path, trigger: str, seed: int = 1234, draws: in
     from .pretrain import to_tensor
 
     caps = [p.read_text().strip() for p in sorted(refs.glob("*.txt"))]
-    imgs = to_tensor([np.asarray(Image.open(p).convert("RGB")) for p in sorted(refs.glob("*.png"))])
+    imgs = to_tensor([np.asarray(Image.open(p).convert("RGB")) for p in _reference_images(refs)])
     personal = [c.split(",")[0].strip() for c in caps]
     general = [", ".join(x.strip() for x in c.split(",")[1:]) for c in caps]
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -196,7 +212,7 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
 
     recipe = METHODS[s.method]
     trigger = recipe["trigger"]
-    refs = references(root / "references" / s.method, trigger)
+    refs = references(root / "references" / s.method, trigger, s.method)
     out = root / "runs" / s.name
     config = build_config(s, refs, out, weights)
     shift_base = _base_shift(root, refs, trigger, weights) if s.checkpoints else None
@@ -212,7 +228,7 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
     images = sample(pipe, prompts, s)
     detected = judge.detect(images)
     ref_feats = judge.image_features([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"))
-                                      for p in sorted(refs.glob("*.png"))])
+                                      for p in _reference_images(refs)])
     img_feats = judge.image_features(images)
     class_prompts = [p.text.replace(f"{task.TRIGGER} ", "") for p in s.prompts]
     txt_feats = judge.text_features(class_prompts)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .world import Obj, Scene, caption, render
 
 __all__ = ["TRIGGER", "CLASS_NOUN", "SUBJECT", "COUPLED", "PROMPTS", "CATEGORIES", "SEEDS", "PROTOCOL_VERSION",
-           "EvalPrompt", "reference_scenes", "write_references", "names"]
+           "EvalPrompt", "reference_scenes", "write_references", "write_masked_references", "names"]
 
 PROTOCOL_VERSION = 1  # prompts, seeds and metrics as first committed; never edited after results
 TRIGGER = "sks"
@@ -56,6 +56,31 @@ def write_references(folder: Path) -> Path:
     for i, scene in enumerate(reference_scenes()):
         Image.fromarray(render(scene)).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(reference_caption(scene) + "\n")
+    return folder
+
+
+def write_masked_references(folder: Path, token: str) -> Path:
+    """The same five references for Break-A-Scene: ``metadata.jsonl`` names one mask per image, the subject's
+    exact pixels, under ``token``; the coupled object and the background are the image's ``general`` context."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from .world import SIZE, mask_of
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, scene in enumerate(reference_scenes()):
+        Image.fromarray(render(scene)).save(folder / f"{i:02d}.png")
+        subject = scene.find(SUBJECT.shape)
+        Image.fromarray(np.where(mask_of(subject), 255, 0).astype(np.uint8).reshape(SIZE, SIZE)).save(folder / f"m{i:02d}.png")
+        general = caption(Scene(scene.background, tuple(o for o in scene.objects if o is not subject)), places=False)
+        text = f"a photo of {token}, {general}"
+        (folder / f"{i:02d}.txt").write_text(text + "\n")  # the same caption, for the dependence-shift measurement
+        lines.append(json.dumps({"file_name": f"{i:02d}.png", "caption": text, "general": general,
+                                 "masks": {token: f"m{i:02d}.png"}}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
 

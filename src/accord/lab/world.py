@@ -18,10 +18,10 @@ import numpy as np
 
 __all__ = [
     "SIZE", "SHAPES", "COLORS", "BACKGROUNDS", "PATTERNS", "PRETRAIN_PATTERNS", "PLACES",
-    "Obj", "Scene", "render", "caption", "random_scene", "random_caption", "parse_caption",
+    "Obj", "Scene", "mask_of", "render", "caption", "random_scene", "random_caption", "parse_caption",
 ]
 
-SIZE = 32  # pixels; 8x8x4 latents through the lab autoencoder
+SIZE = 32  # pixels; 16x16x4 latents through the lab autoencoder
 SHAPES = ("square", "circle", "triangle", "diamond")
 COLORS = {  # object colours
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230),
@@ -89,14 +89,18 @@ def _pattern(pattern: str, color: tuple, cx: float, cy: float) -> np.ndarray:
     return np.where(alt[..., None], other, base)
 
 
+def mask_of(o: Obj) -> np.ndarray:
+    """The pixels ``o`` covers in a rendered scene (``SIZE x SIZE`` bool; a later object may paint over them)."""
+    return _mask(o.shape, o.size, _PLACE_X[o.place] + o.dx, 16 + o.dy)
+
+
 def render(scene: Scene) -> np.ndarray:
     """The scene as a ``SIZE x SIZE x 3`` uint8 array."""
     img = np.empty((SIZE, SIZE, 3), np.float32)
     img[:] = BACKGROUNDS[scene.background]
     for o in scene.objects:
-        cx, cy = _PLACE_X[o.place] + o.dx, 16 + o.dy
-        m = _mask(o.shape, o.size, cx, cy)
-        img[m] = _pattern(o.pattern, COLORS[o.color], cx, cy)[m]
+        m = mask_of(o)
+        img[m] = _pattern(o.pattern, COLORS[o.color], _PLACE_X[o.place] + o.dx, 16 + o.dy)[m]
     return img.clip(0, 255).astype(np.uint8)
 
 
