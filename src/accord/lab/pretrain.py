@@ -80,6 +80,16 @@ def _log(out: Path, stage: str, step: int, total: int, t0: float, **values) -> N
     print(line, flush=True)
 
 
+def _update(opt, sched, loss: torch.Tensor, clip=None) -> None:
+    """One optimizer step of a stage: backward, optional gradient clipping at norm 1, step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+
+
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Blur a random half and add noise: generated images are softer than renders."""
     n = x.shape[0]
@@ -104,10 +114,7 @@ def train_vae(out: Path, r: Recipe) -> None:
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _update(opt, sched, loss)
         if step % 25 == 0 or step == r.vae_steps:
             _log(out, "vae", step, r.vae_steps, t0, loss=loss.item(), mse=F.mse_loss(rec, x).item())
     with torch.no_grad():
@@ -138,10 +145,7 @@ def vae_refine(vae, r: Recipe, out: Path, save_every: int = 0) -> None:
             z = vae.encode(x).latent_dist.mode()
         rec = vae.decode(z).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _update(opt, sched, loss)
         if step % 25 == 0 or step == r.vae_refine_steps:
             _log(out, "vae-decoder", step, r.vae_refine_steps, t0, loss=loss.item(), mse=F.mse_loss(rec, x).item())
         if save_every and step % save_every == 0:
@@ -201,10 +205,7 @@ def train_clip(out: Path, r: Recipe) -> None:
         ids = tokenize(tok, captions + [hard_negative(rng, c) for c in captions])
         embeds = text(ids).text_embeds
         loss = clip_loss(image(_augment(x, g)), embeds[:len(scenes)], logit_scale, embeds[len(scenes):])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _update(opt, sched, loss)
         with torch.no_grad():
             logit_scale.clamp_(0, np.log(100.0))
         if step % 25 == 0 or step == r.clip_steps:
@@ -247,10 +248,7 @@ def _fit_detector(det, r: Recipe, out: Path, rng, g, opt, sched, steps: int, sta
         targets = [labels_of(s) for s in scenes]
         logits = det(_augment(x, g))
         loss = sum(F.cross_entropy(v, torch.tensor([t[k] for t in targets]), ignore_index=-1) for k, v in logits.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _update(opt, sched, loss)
         if step % 25 == 0 or step == steps:
             _log(out, stage, step, steps, t0, loss=loss.item())
 
@@ -294,11 +292,7 @@ def train_unet(out: Path, r: Recipe) -> None:
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (r.batch,), generator=g)
         pred = unet(noise_sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(opt, sched, loss, clip=unet.parameters())
         if step % 25 == 0 or step == r.unet_steps:
             _log(out, "unet", step, r.unet_steps, t0, loss=loss.item())
         if step % 250 == 0 or step == r.unet_steps:
