@@ -139,3 +139,26 @@ def test_t5_length_is_refused_for_clip_only_backbones(tiny_model_dir, refs, tmp_
     config.model.max_sequence_length = 16
     with pytest.raises(ConfigError, match="model.max_sequence_length is for flux/sd3"):
         load_backbone(config.model)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.slow
+def test_ddp_two_processes_end_identical(family, tiny_model_dir, refs, tmp_path):
+    """Two real processes (torchrun) train the flow backbone's LoRA with DDLoss; both replicas end equal."""
+    import subprocess
+    import sys
+
+    from test_train import ENV, _write
+
+    out = tmp_path / "ddp"
+    cfg = _write(tiny_config(tiny_model_dir(family), refs, out, **{**FLOW, "train": {**FLOW["train"], "max_steps": 3}}),
+                 tmp_path / "d.yaml")
+    port = {"flux": "29541", "sd3": "29542"}[family]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                          "-m", "accord.cli", "train", str(cfg), "--no-progress"], env=ENV, capture_output=True, text=True,
+                         timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 3
+    assert len(summary["replica_checksums"]) == 2 and summary["replicas_identical"]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
