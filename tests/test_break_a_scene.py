@@ -176,3 +176,55 @@ def test_tokens_and_lora_load_in_the_stock_pipeline(run):
     stock = sample(pipe)
     assert stock.shape == (1, 32, 32, 3) and np.isfinite(stock).all()
     np.testing.assert_allclose(sample(load_trained(out)), stock, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sdxl_trains_both_encoders_and_loads_in_the_stock_pipeline(tiny_model_dir, tmp_path):
+    """SDXL: the tokens train in both text encoders (each row moves), the LoRA trains in phase 2, and stock
+    ``StableDiffusionXLPipeline`` loads the embeddings (one call per encoder) and the LoRA."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from accord.inference import load_trained
+
+    refs, out, base = _scene(tmp_path / "refs"), tmp_path / "out", tiny_model_dir("sdxl")
+    overrides = [f"model.pretrained={base}", f"data.instance_dir={refs}", "data.class_noun=object", "data.resolution=32",
+                 "method.name=break_a_scene", "method.bas_phase1_steps=1", "method.bas_phase1_lr=5e-2",
+                 "method.lora_rank=4", f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=1",
+                 "train.checkpoint_every=0", "train.report_to=none", "train.learning_rate=1e-3", "accord.dd_weight=0.2"]
+    parts, real_step = [], train_module.compute_step
+
+    def step(*args, **kwargs):
+        losses = real_step(*args, **kwargs)
+        parts.append(set(losses.parts))
+        return losses
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "compute_step", step)
+        train_module.train(load_config(None, overrides), progress=False)
+    assert len(parts) == 2 and all({"diffusion", "attn"} <= p for p in parts), parts
+    state = load_file(out / "learned_embeds.safetensors")
+    pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    dims = (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size)
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (2, dims[0]), "clip_g": (2, dims[1])}
+    tokens = json.loads((out / "break_a_scene.json").read_text())["tokens"]
+    assert tokens == TOKENS and (out / "pytorch_lora_weights.safetensors").is_file()
+    pipe.load_textual_inversion(list(state["clip_l"]), token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(list(state["clip_g"]), token=tokens, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
+    single = load_file(out / "<asset1>.safetensors")
+    assert torch.equal(single["clip_g"], state["clip_g"][1:2])
+    # the learned rows moved away from the initializer ("object") in both encoders
+    for encoder, tokenizer, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"), (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):
+        init = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("object")]
+        assert all((state[key][i] - init).abs().max() > 0 for i in range(2)), key
+
+    def sample(p):
+        p.set_progress_bar_config(disable=True)
+        return p("a photo of <asset0> and <asset1>", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    stock = sample(pipe)
+    assert stock.shape == (1, 32, 32, 3) and np.isfinite(stock).all()
+    np.testing.assert_allclose(sample(load_trained(out)), stock, atol=1e-5)

@@ -65,8 +65,9 @@ def test_only_the_adapter_gets_gradient(tiny_model_dir, pairs, encoder_dir, tmp_
     assert all(p.grad is None for e in backbone.text_encoders for p in e.parameters())
 
 
-def test_ip_adapter_trains_and_loads_with_stock_diffusers(tiny_model_dir, pairs, encoder_dir, tmp_path):
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_ip_adapter_trains_and_loads_with_stock_diffusers(kind, tiny_model_dir, pairs, encoder_dir, tmp_path):
+    import diffusers
     from PIL import Image
     from safetensors.torch import load_file
 
@@ -74,12 +75,13 @@ def test_ip_adapter_trains_and_loads_with_stock_diffusers(tiny_model_dir, pairs,
     from accord.testing.tiny import tiny_image_encoder
     from accord.train import train
 
-    model = tiny_model_dir("sd")
+    model = tiny_model_dir(kind)
     out = train(_config(model, pairs, encoder_dir, tmp_path / "out"), progress=False)
     state = load_file(str(out / IP_FILE))
     assert {k.split(".")[0] for k in state} == {"image_proj", "ip_adapter"}
-    assert state["image_proj.proj.weight"].shape == (4 * 32, 32)
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), image_encoder=tiny_image_encoder())
+    pipeline = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline}[kind]
+    pipe = pipeline.from_pretrained(str(model), image_encoder=tiny_image_encoder())
+    assert state["image_proj.proj.weight"].shape == (4 * pipe.unet.config.cross_attention_dim, 32)
     cross = [n for n in pipe.unet.attn_processors if n.endswith("attn2.processor")]
     assert sorted({int(k.split(".")[1]) for k in state if k.startswith("ip_adapter.")}) == list(range(1, 2 * len(cross), 2))
     pipe.load_ip_adapter(str(out), subfolder="", weight_name=IP_FILE)

@@ -255,7 +255,8 @@ def test_example_configs_validate(path, tmp_path):
 
 def test_examples_cover_every_method_and_family():
     names = {p.stem for p in EXAMPLES}
-    for method in ("lora", "dreambooth", "textual_inversion", "custom_diffusion"):
+    for method in ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
+                   "break_a_scene"):
         for family in ("sd15", "sdxl"):
             assert f"{method.replace('_', '-')}-{family}" in names
     assert "tiny-sd-lora" in names

@@ -21,15 +21,21 @@ Two phases (paper Sec. 3): for ``method.bas_phase1_steps`` steps only the token 
 ``method.bas_phase1_lr``; then the tokens and a UNet LoRA (``method.lora_*``) train together at
 ``train.learning_rate`` (the paper fine-tunes the whole UNet at 2e-6; LoRA is the lighter stand-in).
 
-Outputs: ``learned_embeds.safetensors`` with one entry per token (``{token: [1, dim]}``), each token also as
-``<token>.safetensors`` (diffusers' single-token format), ``pytorch_lora_weights.safetensors`` when phase 2
-ran, and ``break_a_scene.json`` listing them. A stock pipeline loads them with::
+Outputs: ``learned_embeds.safetensors``, each token also as ``<token>.safetensors`` (diffusers' single-token
+format), ``pytorch_lora_weights.safetensors`` when phase 2 ran, and ``break_a_scene.json`` listing them.
+SD 1.x/2.x: one entry per token (``{token: [1, dim]}``); a stock pipeline loads them with::
 
     state = safetensors.torch.load_file(OUT / "learned_embeds.safetensors")
     pipe.load_textual_inversion(list(state.values()), token=list(state))
     pipe.load_lora_weights(OUT, weight_name="pytorch_lora_weights.safetensors")  # if present
 
-SD 1.x/2.x only for now (SDXL needs the two-encoder embedding files).
+SDXL: the tokens train in both text encoders; ``learned_embeds.safetensors`` is ``{"clip_l": [S, 768],
+"clip_g": [S, 1280]}`` in the manifest's token order (each ``<token>.safetensors`` is diffusers' SDXL
+``clip_l``/``clip_g`` file), loaded with one ``load_textual_inversion`` call per encoder::
+
+    tokens = json.loads((OUT / "break_a_scene.json").read_text())["tokens"]
+    pipe.load_textual_inversion(list(state["clip_l"]), token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(list(state["clip_g"]), token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import torch.nn.functional as F
 
 from .base import Method, load_named_state, named_trainable_state, register
 from .lora import LORA_FILE
-from .textual_inversion import TI_FILE, LearnedTokens, unload_embeddings
+from .textual_inversion import SDXL_KEYS, TI_FILE, LearnedTokens, unload_embeddings
 
 MANIFEST = "break_a_scene.json"
 
@@ -121,7 +127,7 @@ class BreakAScene(Method):
     name = "break_a_scene"
     output_file = MANIFEST
     trains_text = True
-    families = ("sd",)
+    families = ("sd", "sdxl")
 
     def setup(self) -> None:
         from ..data.references import read_subject_tokens
@@ -149,13 +155,20 @@ class BreakAScene(Method):
 
     # -- what trains, and when --------------------------------------------------------------------
     def trainable_modules(self):
-        return [self.backbone.text_encoders[0]] + ([self.backbone.denoiser] if self.phase2 else [])
+        """Every text encoder (their new token rows), then the UNet in phase 2."""
+        return list(self.backbone.text_encoders) + ([self.backbone.denoiser] if self.phase2 else [])
+
+    def _unet(self):
+        return self.unwrapped_modules()[len(self.backbone.text_encoders)]
 
     def param_groups(self):
+        """Group 0: the token rows of every text encoder, at ``method.bas_phase1_lr``; group 1: the UNet LoRA."""
         modules = self.trainable_modules()
-        groups = [{"params": [p for p in modules[0].parameters() if p.requires_grad], "lr": self.config.method.bas_phase1_lr}]
-        if self.phase2:
-            groups.append({"params": [p for p in modules[1].parameters() if p.requires_grad]})
+        encoders, unet = modules[:len(self.backbone.text_encoders)], modules[len(self.backbone.text_encoders):]
+        groups = [{"params": [p for e in encoders for p in e.parameters() if p.requires_grad],
+                   "lr": self.config.method.bas_phase1_lr}]
+        if unet:
+            groups.append({"params": [p for p in unet[0].parameters() if p.requires_grad]})
         return groups
 
     def before_optimizer_step(self, step: int, optimizer) -> None:
@@ -253,31 +266,37 @@ class BreakAScene(Method):
     def trainable_state(self):
         state = self.learned.state("tokens")
         if self.phase2:
-            state.update(named_trainable_state(self.unwrapped_modules()[1], "unet"))
+            state.update(named_trainable_state(self._unet(), "unet"))
         return state
 
     def load_trainable_state(self, state):
         self.learned.load_state("tokens", state)
         if self.phase2:
-            load_named_state(self.unwrapped_modules()[1], "unet", state)
+            load_named_state(self._unet(), "unet", state)
 
     def save(self, output_dir: Path) -> list[Path]:
         from safetensors.torch import save_file
 
         output_dir = Path(output_dir)
-        rows = self.learned.rows()[0]
-        embeds = {t: rows[i : i + 1].contiguous() for i, t in enumerate(self.tokens)}
+        rows = self.learned.rows()
+        sdxl = self.backbone.family == "sdxl"
+        if sdxl:  # diffusers' SDXL embedding keys, all tokens in one file, one token per file beside it
+            embeds = dict(zip(SDXL_KEYS, rows))
+            single = {t: {k: r[i : i + 1].contiguous() for k, r in zip(SDXL_KEYS, rows)} for i, t in enumerate(self.tokens)}
+        else:
+            embeds = {t: rows[0][i : i + 1].contiguous() for i, t in enumerate(self.tokens)}
+            single = {t: {t: v} for t, v in embeds.items()}
         save_file(embeds, str(output_dir / TI_FILE), metadata={"tokens": json.dumps(self.tokens)})
         written = [output_dir / TI_FILE]
-        for token, tensor in embeds.items():
-            save_file({token: tensor}, str(output_dir / f"{token}.safetensors"), metadata={"token": token})
+        for token, tensors in single.items():
+            save_file(tensors, str(output_dir / f"{token}.safetensors"), metadata={"token": token})
             written.append(output_dir / f"{token}.safetensors")
         lora = None
         if self.phase2:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            unet = self.unwrapped_modules()[1]
+            unet = self._unet()
             self.backbone.pipeline_class.save_lora_weights(
                 output_dir, safe_serialization=True,
                 unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
@@ -294,7 +313,12 @@ class BreakAScene(Method):
         output_dir = Path(output_dir)
         manifest = json.loads((output_dir / MANIFEST).read_text())
         state = load_file(str(output_dir / manifest["embeddings"]))
-        pipeline.load_textual_inversion(list(state.values()), token=list(state))
+        if SDXL_KEYS[0] in state:  # SDXL: one call per text encoder, tokens in the manifest's order
+            for key, encoder, tokenizer in zip(SDXL_KEYS, ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")):
+                pipeline.load_textual_inversion(list(state[key]), token=manifest["tokens"],
+                                                text_encoder=getattr(pipeline, encoder), tokenizer=getattr(pipeline, tokenizer))
+        else:
+            pipeline.load_textual_inversion(list(state.values()), token=list(state))
         if manifest.get("lora"):
             pipeline.load_lora_weights(str(output_dir), weight_name=manifest["lora"])
 
