@@ -55,3 +55,40 @@ def test_visual_encoder_trains_loads_and_generates(kind, tiny_model_dir, encoder
                                     generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3)
     assert torch.isfinite(torch.from_numpy(image)).all()
+
+
+@pytest.mark.slow
+def test_stock_recipe_in_the_docs_matches_generate_with_reference(tiny_model_dir, encoder_dir, refs, tmp_path):
+    """docs/image-encoders.md's accord-free recipe (stock pipeline + prompt_embeds), run as written, draws the
+    image accord's ``generate_with_reference`` draws."""
+    import re
+    from pathlib import Path
+
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from accord.methods.visual_encoder import VisualEncoder, generate_with_reference
+
+    model = tiny_model_dir("sd")
+    cfg = tiny_config(model, refs, tmp_path / "out", method={"name": "visual_encoder", "image_encoder": str(encoder_dir)},
+                      train={"max_steps": 2})
+    out = train(cfg, progress=False)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "image-encoders.md").read_text()
+    snippet = re.search(r"<!-- stock-recipe -->\n```python\n(.*?)```", doc, re.S).group(1)
+    fast = "num_inference_steps=3, height=32, width=32"  # the recipe as written, at a test's sampling budget
+    assert snippet.count("num_inference_steps=50") == 1
+    snippet = snippet.replace("num_inference_steps=50", fast)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    scope = {"OUT": str(out), "REFERENCE": str(DREAMBENCH / "backpack" / "04.jpg"), "PROMPT": "1 sks backpack, beach",
+             "pipe": pipe}
+    exec(compile(snippet, "image-encoders.md", "exec"), scope)
+    VisualEncoder.load_into(pipe, out)
+    expected = generate_with_reference(pipe, scope["REFERENCE"], scope["PROMPT"], num_inference_steps=3, height=32,
+                                       width=32, guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
+    a, b = np.asarray(scope["image"], dtype=int), np.asarray(expected, dtype=int)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    # the tokens matter: the same call without them draws another image
+    plain = pipe("1 sks backpack, beach", num_inference_steps=3, height=32, width=32, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.abs(np.asarray(plain, dtype=int) - b).max() > 1
