@@ -157,6 +157,25 @@ def test_lean_mode_gives_the_fast_mode_gradient(model, refs, tmp_path):
     assert any(g.abs().sum() > 0 for g in fast.values())
 
 
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_dd_without_personal_gradient_stops_only_that_path(mode, model, refs, tmp_path):
+    """accord.dd_personal_grad=False (an ablation): the same loss value; c_p, c_g and ∅ in one no-grad pass and the
+    joint pass with gradient; a gradient that differs from Eq. 8's (no c_p path) and from no DDLoss (the joint path)."""
+    def grads(name, **accord):
+        return _grads(tiny_config(model, refs, tmp_path / name, accord=accord), model, refs)
+
+    sg, ls, calls = grads("sg", dd_weight=0.3, mode=mode, dd_personal_grad=False)
+    full, lf, _ = grads("full", dd_weight=0.3)
+    plain, _, _ = grads("plain", dd_weight=0.0)
+    assert calls == [6, 2] and "lean_backward_done" not in ls.parts
+    assert torch.allclose(ls.total, lf.total, rtol=1e-5)
+
+    def differs(a, b):
+        return any(not torch.allclose(a[n], b[n], rtol=1e-3, atol=1e-9) for n in a)
+
+    assert differs(sg, full) and differs(sg, plain)
+
+
 def test_zero_dd_weight_skips_the_extra_passes(model, refs, tmp_path):
     _, losses, calls = _grads(tiny_config(model, refs, tmp_path / "z", accord={"dd_weight": 0.0}), model, refs)
     assert calls == [2] and "dd" not in losses.parts

@@ -148,6 +148,10 @@ class AccordConfig:
     pd_clip: str | None = _f(
         None, "CLIP model with a text projection for PDLoss when the backbone's text encoder has none (SD 1.x/2.x)"
     )
+    dd_personal_grad: bool = _f(
+        True, "DDLoss gradient through U(c_p) as Eq. 8 has it (only U(c_g), U(empty) are stop-gradient); False also "
+        "stops U(c_p), an ablation where only the joint prediction learns from DDLoss (one no-grad pass for c_p, c_g, empty)"
+    )
 
 
 @dataclass

@@ -279,7 +279,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
         with torch.no_grad():
             cond_rest = Conditioning.cat([method.attach(_with_micro(text(dd_general, False), micro_rows), None),
                                           method.attach(_with_micro(text([""] * k, False), micro_rows), None)])
-        if acc.mode == "fast":
+        if acc.mode == "fast" and acc.dd_personal_grad:
             with method.capture():
                 pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
                                         Conditioning.cat([cond, cond_personal]))
@@ -289,6 +289,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
             pred_general, pred_null = rest[:k], rest[k:]
             loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], pred_personal, pred_general, pred_null)
         else:  # lean: one forward with gradient alive at a time; the summed gradients equal fast mode's
+            # (with accord.dd_personal_grad=False the first part is the whole step: c_p's pass has no gradient)
             with torch.no_grad():
                 if cond_personal.embeds.shape[1:] == cond_rest.embeds.shape[1:]:
                     rest = backbone.predict(noisy[rows].repeat(3, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(3),
@@ -301,6 +302,10 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
             with method.capture():
                 pred_joint = backbone.predict(noisy, timesteps, cond)
             loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], personal_d, pred_general, pred_null)
+            if not acc.dd_personal_grad:
+                if pd_value is not None:
+                    loss = loss + acc.pd_weight * pd_value
+                return StepLosses(total=loss, parts=parts)
             if pd_value is not None:
                 loss = loss + acc.pd_weight * pd_value
                 pd_value = None
