@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
     b = sub.add_parser("bench", help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
     b.add_argument("--output", default="accord-lab-bench", help="run folder (report.html, summary.md, runs/)")
     b.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion", "custom_diffusion", "break_a_scene"])
-    b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight")
+    b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg@WEIGHT is DDLoss with U(c_p) stop-gradient too")
     b.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
     b.add_argument("--steps", type=int, default=150, help="training steps per run")
     b.add_argument("--images", type=int, default=4, help="images per evaluation prompt")
@@ -59,7 +59,7 @@ def _bench(args) -> int:
     from ..errors import AccordError
     from .experiment import run_experiment
     from .report import format_table, summarize
-    from .runner import METHODS, Setting, regularizer_config, settings_for
+    from .runner import METHODS, Setting, applies, regularizer_config, settings_for
     from .task import SEEDS
 
     for m in args.methods:
@@ -67,7 +67,7 @@ def _bench(args) -> int:
             raise AccordError(f"--methods {m!r}: choose from {', '.join(METHODS)}")
     for r in args.regularizers or []:
         regularizer_config(r)  # one-line error for an unknown name
-        if not any(r.partition("@")[0] in settings_for(m) for m in args.methods):
+        if not any(applies(r, m) for m in args.methods):
             raise AccordError(f"--regularizers {r!r} applies to none of --methods {' '.join(args.methods)} "
                               f"(PDLoss and ClassDiffusion need textual_inversion or custom_diffusion; prior needs "
                               "dreambooth or custom_diffusion)")
@@ -76,7 +76,7 @@ def _bench(args) -> int:
     settings = [Setting(method=m, regularizer=r, seed=seed, steps=args.steps, images_per_prompt=args.images,
                         sample_steps=args.sample_steps)
                 for seed in SEEDS[:args.seeds] for m in args.methods
-                for r in (args.regularizers or settings_for(m)) if r.partition("@")[0] in settings_for(m)]
+                for r in (args.regularizers or settings_for(m)) if applies(r, m)]
     intro = (f"{len(settings)} runs: {', '.join(args.methods)}; {args.seeds} seed(s); {args.steps} steps; "
              f"{args.images} images per prompt. 95% t-intervals over seeds.")
     results, report, seconds = run_experiment(settings, Path(args.output), title="accord lab bench", intro=intro,

@@ -20,7 +20,7 @@ from ..errors import AccordError
 from . import task
 from .judge import Judge, model_dir, score
 
-__all__ = ["METHODS", "REGULARIZERS", "Setting", "regularizer_config", "run_setting", "settings_for"]
+__all__ = ["METHODS", "REGULARIZERS", "Setting", "applies", "dependence_terms", "regularizer_config", "run_setting", "settings_for"]
 
 # Per-method recipe (the paper's Sec. 4 hyper-parameters scaled to the lab: lr, trigger, trained parts).
 METHODS: dict[str, dict] = {
@@ -53,12 +53,16 @@ _PRIOR_METHODS = ("dreambooth", "custom_diffusion")  # the paper's baselines tha
 
 
 _WEIGHT_KEYS = {"dd": ("accord", "dd_weight"), "pd": ("accord", "pd_weight"),
-                "sude": ("regularizers", "sude_weight"), "classdiffusion": ("regularizers", "classdiffusion_weight")}
+                "sude": ("regularizers", "sude_weight"), "classdiffusion": ("regularizers", "classdiffusion_weight"),
+                "dd-sg": ("accord", "dd_weight")}
+# Investigation variants: ``dd-sg`` is DDLoss with U(c_p) stop-gradient too (accord.dd_personal_grad=False).
+_VARIANTS = {"dd-sg": {"accord": {"dd_personal_grad": False}}}
 
 
 def regularizer_config(name: str) -> dict:
     """The config overrides of a regularizer setting: a name of :data:`REGULARIZERS`, or ``NAME@WEIGHT``
-    (e.g. ``dd@20``) for an investigation at another weight — the protocol's rows keep the fixed weights."""
+    (e.g. ``dd@20``) for an investigation at another weight — the protocol's rows keep the fixed weights;
+    ``dd-sg@WEIGHT`` also stops DDLoss's gradient through U(c_p) (which passes carry gradient)."""
     if name in REGULARIZERS:
         return REGULARIZERS[name]
     base, _, weight = name.partition("@")
@@ -70,7 +74,7 @@ def regularizer_config(name: str) -> dict:
         raise AccordError(f"regularizer {name!r}: choose from {', '.join(REGULARIZERS)}, or NAME@WEIGHT with NAME in "
                           f"{', '.join(_WEIGHT_KEYS)} and a positive WEIGHT (e.g. dd@20)")
     section, key = _WEIGHT_KEYS[base]
-    return {section: {key: value}}
+    return _merge(_VARIANTS.get(base, {}), {section: {key: value}})
 
 
 def settings_for(method: str) -> list[str]:
@@ -86,6 +90,12 @@ def settings_for(method: str) -> list[str]:
     if method in _PD_METHODS:
         regs.append("classdiffusion")  # ClassDiffusion needs a trained text side, like PDLoss
     return regs
+
+
+def applies(regularizer: str, method: str) -> bool:
+    """Whether a bench regularizer setting (a protocol name or an investigation ``NAME@WEIGHT``) fits ``method``."""
+    base = regularizer.partition("@")[0]
+    return {"dd-sg": "dd"}.get(base, base) in settings_for(method)
 
 
 @dataclass
@@ -174,6 +184,14 @@ def _reference_images(refs: Path) -> list[Path]:
 def dependence_shift(pipe, refs: Path, trigger: str, seed: int = 1234, draws: int = 8) -> float:
     """Mean |Δ| of Eq. 7 (nats per element) over the references' captions at fixed noise and timesteps:
     how much the joint caption's denoising step depends on c_p and c_g together (Fig. 6's left panel)."""
+    return dependence_terms(pipe, refs, trigger, seed, draws)["shift"]
+
+
+@torch.no_grad()
+def dependence_terms(pipe, refs: Path, trigger: str, seed: int = 1234, draws: int = 8) -> dict[str, float]:
+    """:func:`dependence_shift` (``shift``) with Eq. 7's three terms apart, each ``‖U_j − U_c‖² / (2σ_t²)`` in nats
+    per element, averaged over the same draws: ``personal`` (c = c_p), ``general`` (c_g) and ``null`` (∅), so that
+    Δ = personal + general − null per draw. Which term a regularizer moves says how it changed the dependence."""
     from diffusers import DDPMScheduler
     from PIL import Image
 
@@ -194,15 +212,19 @@ def dependence_shift(pipe, refs: Path, trigger: str, seed: int = 1234, draws: in
         return pipe.text_encoder(ids)[0]
 
     conds = [enc(caps), enc(personal), enc(general), enc([""] * len(caps))]
-    total = []
+    parts: dict[str, list] = {"shift": [], "personal": [], "general": [], "null": []}
     for _ in range(draws):
         t = torch.randint(1, sched.config.num_train_timesteps, (len(caps),), generator=g)
         noise = torch.randn(latents.shape, generator=g)
         x_t = sched.add_noise(latents, noise, t)
-        preds = [pipe.unet(x_t, t, encoder_hidden_states=c).sample for c in conds]
-        delta = eq7(*preds, sample=x_t, timesteps=t, scheduler=sched)
-        total.append(delta.abs() / latents[0].numel())
-    return torch.cat(total).mean().item()
+        j, p, gen, null = (pipe.unet(x_t, t, encoder_hidden_states=c).sample for c in conds)
+        n = latents[0].numel()
+        kw = {"sample": x_t, "timesteps": t, "scheduler": sched}
+        parts["shift"].append(eq7(j, p, gen, null, **kw).abs() / n)
+        parts["personal"].append(eq7(j, p, j, j, **kw) / n)  # ‖U_j − U_j‖ = 0 leaves one term
+        parts["general"].append(eq7(j, j, gen, j, **kw) / n)
+        parts["null"].append(-eq7(j, j, j, null, **kw) / n)
+    return {k: torch.cat(v).mean().item() for k, v in parts.items()}
 
 
 def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = None, progress: bool = False) -> dict:
@@ -217,13 +239,14 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
     config = build_config(s, refs, out, weights)
     shift_base = _base_shift(root, refs, trigger, weights) if s.checkpoints else None
     train(config, progress=progress)
-    shifts = {0: shift_base} if shift_base is not None else {}
+    terms = {0: shift_base} if shift_base is not None else {}
     for ckpt in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
         if int(ckpt.name.split("-")[1]) < s.steps:
-            shifts[int(ckpt.name.split("-")[1])] = dependence_shift(load_trained(ckpt), refs, trigger)
+            terms[int(ckpt.name.split("-")[1])] = dependence_terms(load_trained(ckpt), refs, trigger)
     pipe = load_trained(out)
     if s.checkpoints:
-        shifts[s.steps] = dependence_shift(pipe, refs, trigger)
+        terms[s.steps] = dependence_terms(pipe, refs, trigger)
+    shifts = {k: v["shift"] for k, v in terms.items()}
     prompts = [prompt_text(p, trigger) for p in s.prompts]
     images = sample(pipe, prompts, s)
     detected = judge.detect(images)
@@ -244,22 +267,24 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
             rows.append(r)
     np.save(out / "samples.npy", np.stack(images))
     result = {"setting": {k: v for k, v in asdict(s).items() if k != "prompts"}, "name": s.name, "rows": rows,
-              "dependence_shift": {str(k): v for k, v in sorted(shifts.items())}}
+              "dependence_shift": {str(k): v for k, v in sorted(shifts.items())},
+              "dependence_terms": {str(k): v for k, v in sorted(terms.items())}}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
 
 
-def _base_shift(root: Path, refs: Path, trigger: str, weights: Path | None) -> float | None:
-    """Δ of the base model: only defined when the trigger is a word it can read (not a new token)."""
+def _base_shift(root: Path, refs: Path, trigger: str, weights: Path | None) -> dict | None:
+    """:func:`dependence_terms` of the base model: only defined when the trigger is a word it can read (not a new
+    token)."""
     if trigger.startswith("<"):
         return None
-    cache = root / "runs" / f"base-shift-{trigger}.json"
+    cache = root / "runs" / f"base-terms-{trigger}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())["shift"]
+        return json.loads(cache.read_text())
     from ..inference import load_trained
 
-    value = dependence_shift(load_trained(model_dir(weights)), refs, trigger)
+    value = dependence_terms(load_trained(model_dir(weights)), refs, trigger)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"shift": value}))
+    cache.write_text(json.dumps(value))
     return value
