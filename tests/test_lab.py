@@ -124,6 +124,7 @@ def test_bench_regularizer_names_and_weights():
     assert regularizer_config("dd") == {"accord": {"dd_weight": DD_WEIGHT}}
     assert regularizer_config("dd@20") == {"accord": {"dd_weight": 20.0}}
     assert regularizer_config("sude@0.8") == {"regularizers": {"sude_weight": 0.8}}
+    assert regularizer_config("dd-sg@600") == {"accord": {"dd_weight": 600.0, "dd_personal_grad": False}}
     for bad in ("ddd", "dd@", "dd@-1", "dd@x", "prior@2"):
         with pytest.raises(AccordError, match="NAME@WEIGHT"):
             regularizer_config(bad)
@@ -175,3 +176,51 @@ def test_masked_references_hold_the_subjects_exact_pixels(tmp_path):
     refs = scan_references(folder, trigger="<asset0>", class_noun="circle")
     assert len(refs) == len(entries)  # the masks are not taken for references
 
+
+
+def test_clip_stage_negatives_and_token_targets_bind_colours_to_shapes():
+    """The mini-CLIP stage's hard negatives include the colour exchange between two objects (same words, other
+    binding), and its token-level head is taught each shape word's own colour and pattern."""
+    import random
+
+    from accord.lab import models as M
+    from accord.lab.pretrain import hard_negative, token_targets
+    from accord.lab.world import COLORS, PATTERNS
+
+    rng = random.Random(0)
+    text = "red square on the left, yellow striped circle, green background"
+    negatives = {hard_negative(rng, text) for _ in range(200)}
+    exchange = "yellow square on the left, red striped circle, green background"  # same words, other binding
+    words = lambda caption: sorted(caption.replace(",", "").split())  # noqa: E731
+    assert exchange in negatives and text not in negatives
+    assert all(words(n) != words(text) for n in negatives - {exchange})  # the others change a word
+    assert {hard_negative(rng, "blue diamond, black background") for _ in range(50)} <= {
+        f"{c} {s}, black background" for c in COLORS for s in ("square", "circle", "triangle", "diamond")} - {
+        "blue diamond, black background"}
+    tok = M.tokenizer()
+    rows, cols, colours, patterns = token_targets(tok, [text, "blue diamond"])
+    ids = tok([text, "blue diamond"]).input_ids
+    words = [tok.convert_ids_to_tokens(ids[r][c]) for r, c in zip(rows.tolist(), cols.tolist())]
+    assert words == ["square</w>", "circle</w>", "diamond</w>"]
+    assert [list(COLORS)[i] for i in colours] == ["red", "yellow", "blue"]
+    assert [PATTERNS[i] for i in patterns] == ["solid", "striped", "solid"]
+
+
+def test_dependence_terms_add_up_to_the_shift(tmp_path):
+    """Eq. 7's three terms measured apart are non-negative and bound the shift: mean|Δ| ≥ |mean(p + g − ∅)|,
+    and a single draw of one reference makes that an equality."""
+    from accord.inference import load_trained
+    from accord.lab import task
+    from accord.lab.judge import model_dir
+    from accord.lab.runner import dependence_shift, dependence_terms
+
+    refs = tmp_path / "refs"
+    task.write_references(refs)
+    for extra in sorted(refs.glob("*.png"))[1:]:
+        extra.unlink()
+        extra.with_suffix(".txt").unlink()
+    pipe = load_trained(model_dir())
+    terms = dependence_terms(pipe, refs, task.TRIGGER, draws=1)
+    assert min(terms["personal"], terms["general"], terms["null"]) >= 0 and terms["shift"] > 0
+    assert abs(terms["shift"] - abs(terms["personal"] + terms["general"] - terms["null"])) < 1e-6 * max(1.0, terms["null"])
+    assert dependence_shift(pipe, refs, task.TRIGGER, draws=1) == terms["shift"]

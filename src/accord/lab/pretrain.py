@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from . import models as M
-from .world import BACKGROUNDS, COLORS, PATTERNS, PLACES, PRETRAIN_PATTERNS, SHAPES, random_caption, random_scene, render
+from .world import (BACKGROUNDS, COLORS, PATTERNS, PLACES, PRETRAIN_PATTERNS, SHAPES, parse_caption, random_caption,
+                    random_scene, render)
 
 __all__ = ["Recipe", "STAGES", "run_stage", "to_tensor", "labels_of"]
 
 STAGES = ("vae", "clip", "detector", "unet", "assemble")
+CLIP_BINDING_WEIGHT = 0.5  # token-level colour/pattern head of the clip stage, beside InfoNCE
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Recipe:
     clip_steps: int = 1000
     detector_steps: int = 800
     detector_refine_steps: int = 400
-    unet_steps: int = 3000
+    unet_steps: int = 5000
     batch: int = 48
     pool: int = 20000  # scenes cached for the UNet stage
 
@@ -164,17 +166,26 @@ def clip_loss(img_feat, txt_feat, logit_scale, neg_feat=None) -> torch.Tensor:
 
 
 def hard_negative(rng: random.Random, caption_text: str) -> str:
-    """The caption with one object's shape or colour swapped for one the caption does not use (or its side
-    swapped): plain
-    contrastive training on this world learns colours and backgrounds first and leaves the shape words
-    nearly interchangeable in the text tower (cosine 0.99 between "red square" and "red circle" after 200
-    steps), which no UNet trained on that tower can undo."""
+    """The caption with one thing changed: in a two-object caption, 40% of the time the two objects'
+    colours exchanged (same words, other binding); otherwise one object's shape or colour swapped for one
+    the caption does not use, or its side swapped. Plain contrastive training on this world learns colours
+    and backgrounds first and leaves the shape words nearly interchangeable in the text tower (cosine 0.99
+    between "red square" and "red circle" after 200 steps), and without the exchange the tower does not
+    bind a colour to its shape (0.97 between the "circle" token of "red square, yellow circle" and of
+    "yellow square, red circle"); no UNet trained on that tower can undo either."""
     phrases = caption_text.split(", ")
     objects = [i for i, p in enumerate(phrases) if not p.endswith(" background")]
+    colours = {i: next(w for w in phrases[i].split(" ") if w in COLORS) for i in objects}
+    u = rng.random()
+    if len(objects) == 2 and len(set(colours.values())) == 2 and u < 0.4:
+        a, b = objects
+        for i, new_colour in ((a, colours[b]), (b, colours[a])):
+            phrases[i] = " ".join(new_colour if w == colours[i] else w for w in phrases[i].split(" "))
+        return ", ".join(phrases)
+    u = rng.random()
     i = rng.choice(objects)
     words = phrases[i].split(" ")
     used = set(caption_text.replace(",", "").split(" "))
-    u = rng.random()
     if u < 0.2 and words[-1] in ("left", "right"):  # the other side
         words[-1] = "right" if words[-1] == "left" else "left"
     else:
@@ -183,6 +194,25 @@ def hard_negative(rng: random.Random, caption_text: str) -> str:
         words[j] = rng.choice([w for w in kind if w not in used])
     phrases[i] = " ".join(words)
     return ", ".join(phrases)
+
+
+def token_targets(tok, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each caption's shape words sit in its tokens, with that object's colour and pattern:
+    ``(caption index, token position, colour index, pattern index)`` for the token-level head of
+    :func:`train_clip`."""
+    shape_ids = {tok.convert_tokens_to_ids(f"{s}</w>"): s for s in SHAPES}
+    rows, cols, colours, patterns = [], [], [], []
+    ids = tokenize(tok, captions)
+    for n, text in enumerate(captions):
+        asked = parse_caption(text)["objects"]
+        for k, t in enumerate(ids[n].tolist()):
+            if t in shape_ids:
+                want = asked[shape_ids[t]]
+                rows.append(n)
+                cols.append(k)
+                colours.append(list(COLORS).index(want["color"]))
+                patterns.append(PATTERNS.index(want.get("pattern", "solid")))
+    return torch.tensor(rows), torch.tensor(cols), torch.tensor(colours), torch.tensor(patterns)
 
 
 def tokenize(tok, captions: list[str]) -> torch.Tensor:
@@ -194,7 +224,11 @@ def train_clip(out: Path, r: Recipe) -> None:
     rng = random.Random(r.seed + 1)
     tok, text, image = M.tokenizer(), M.mini_clip_text(), M.ImageTower()
     logit_scale = torch.nn.Parameter(torch.tensor(np.log(10.0), dtype=torch.float32))
-    params = list(text.parameters()) + list(image.parameters()) + [logit_scale]
+    # Token-level head (discarded after training): the hidden state of each shape word must tell that
+    # object's colour and pattern, which precede it. The UNet cross-attends to these states, and the pooled
+    # contrastive loss alone leaves each shape token nearly blind to its own colour.
+    heads = torch.nn.ModuleDict({"color": torch.nn.Linear(M.EMBED, len(COLORS)), "pattern": torch.nn.Linear(M.EMBED, len(PATTERNS))})
+    params = list(text.parameters()) + list(image.parameters()) + list(heads.parameters()) + [logit_scale]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=r.clip_steps, pct_start=0.1)
     g = torch.Generator().manual_seed(r.seed)
@@ -203,13 +237,19 @@ def train_clip(out: Path, r: Recipe) -> None:
         scenes, x = _batch(rng, 2 * r.batch, PRETRAIN_PATTERNS)
         captions = [random_caption(rng, s) for s in scenes]
         ids = tokenize(tok, captions + [hard_negative(rng, c) for c in captions])
-        embeds = text(ids).text_embeds
-        loss = clip_loss(image(_augment(x, g)), embeds[:len(scenes)], logit_scale, embeds[len(scenes):])
+        out_text = text(ids)
+        embeds = out_text.text_embeds
+        contrastive = clip_loss(image(_augment(x, g)), embeds[:len(scenes)], logit_scale, embeds[len(scenes):])
+        rows, cols, colours, patterns = token_targets(tok, captions)
+        states = out_text.last_hidden_state[rows, cols]
+        binding = F.cross_entropy(heads["color"](states), colours) + F.cross_entropy(heads["pattern"](states), patterns)
+        loss = contrastive + CLIP_BINDING_WEIGHT * binding
         _update(opt, sched, loss)
         with torch.no_grad():
             logit_scale.clamp_(0, np.log(100.0))
         if step % 25 == 0 or step == r.clip_steps:
-            _log(out, "clip", step, r.clip_steps, t0, loss=loss.item(), scale=logit_scale.exp().item())
+            _log(out, "clip", step, r.clip_steps, t0, loss=contrastive.item(), binding=binding.item(),
+                 scale=logit_scale.exp().item())
     d = out / "stages" / "clip"
     text.save_pretrained(d / "text")
     from safetensors.torch import save_file
