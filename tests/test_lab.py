@@ -184,7 +184,7 @@ def test_clip_stage_negatives_and_token_targets_bind_colours_to_shapes():
     import random
 
     from accord.lab import models as M
-    from accord.lab.pretrain import hard_negative, token_targets
+    from accord.lab.pretrain import hard_negative, token_targets, tokenize
     from accord.lab.world import COLORS, PATTERNS
 
     rng = random.Random(0)
@@ -198,7 +198,7 @@ def test_clip_stage_negatives_and_token_targets_bind_colours_to_shapes():
         f"{c} {s}, black background" for c in COLORS for s in ("square", "circle", "triangle", "diamond")} - {
         "blue diamond, black background"}
     tok = M.tokenizer()
-    rows, cols, colours, patterns = token_targets(tok, [text, "blue diamond"])
+    rows, cols, colours, patterns = token_targets(tok, [text, "blue diamond"], tokenize(tok, [text, "blue diamond"]))
     ids = tok([text, "blue diamond"]).input_ids
     words = [tok.convert_ids_to_tokens(ids[r][c]) for r, c in zip(rows.tolist(), cols.tolist())]
     assert words == ["square</w>", "circle</w>", "diamond</w>"]

@@ -302,13 +302,11 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
             with method.capture():
                 pred_joint = backbone.predict(noisy, timesteps, cond)
             loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], personal_d, pred_general, pred_null)
-            if not acc.dd_personal_grad:
-                if pd_value is not None:
-                    loss = loss + acc.pd_weight * pd_value
-                return StepLosses(total=loss, parts=parts)
             if pd_value is not None:
                 loss = loss + acc.pd_weight * pd_value
                 pd_value = None
+            if not acc.dd_personal_grad:
+                return StepLosses(total=loss, parts=parts)
             joint_d = pred_joint[rows].detach()
             total = loss.detach()
             if torch.isfinite(loss):

@@ -196,13 +196,12 @@ def hard_negative(rng: random.Random, caption_text: str) -> str:
     return ", ".join(phrases)
 
 
-def token_targets(tok, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each caption's shape words sit in its tokens, with that object's colour and pattern:
-    ``(caption index, token position, colour index, pattern index)`` for the token-level head of
-    :func:`train_clip`."""
+def token_targets(tok, captions: list[str], ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Where each caption's shape words sit in its token ``ids`` (:func:`tokenize`'s rows for ``captions``), with
+    that object's colour and pattern: ``(caption index, token position, colour index, pattern index)`` for the
+    token-level head of :func:`train_clip`."""
     shape_ids = {tok.convert_tokens_to_ids(f"{s}</w>"): s for s in SHAPES}
     rows, cols, colours, patterns = [], [], [], []
-    ids = tokenize(tok, captions)
     for n, text in enumerate(captions):
         asked = parse_caption(text)["objects"]
         for k, t in enumerate(ids[n].tolist()):
@@ -240,7 +239,7 @@ def train_clip(out: Path, r: Recipe) -> None:
         out_text = text(ids)
         embeds = out_text.text_embeds
         contrastive = clip_loss(image(_augment(x, g)), embeds[:len(scenes)], logit_scale, embeds[len(scenes):])
-        rows, cols, colours, patterns = token_targets(tok, captions)
+        rows, cols, colours, patterns = token_targets(tok, captions, ids[:len(captions)])
         states = out_text.last_hidden_state[rows, cols]
         binding = F.cross_entropy(heads["color"](states), colours) + F.cross_entropy(heads["pattern"](states), patterns)
         loss = contrastive + CLIP_BINDING_WEIGHT * binding

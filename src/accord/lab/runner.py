@@ -53,10 +53,10 @@ _PRIOR_METHODS = ("dreambooth", "custom_diffusion")  # the paper's baselines tha
 
 
 _WEIGHT_KEYS = {"dd": ("accord", "dd_weight"), "pd": ("accord", "pd_weight"),
-                "sude": ("regularizers", "sude_weight"), "classdiffusion": ("regularizers", "classdiffusion_weight"),
-                "dd-sg": ("accord", "dd_weight")}
-# Investigation variants: ``dd-sg`` is DDLoss with U(c_p) stop-gradient too (accord.dd_personal_grad=False).
-_VARIANTS = {"dd-sg": {"accord": {"dd_personal_grad": False}}}
+                "sude": ("regularizers", "sude_weight"), "classdiffusion": ("regularizers", "classdiffusion_weight")}
+# Investigation variants: (the regularizer they vary, extra overrides). ``dd-sg`` is DDLoss with U(c_p)
+# stop-gradient too (accord.dd_personal_grad=False).
+_VARIANTS = {"dd-sg": ("dd", {"accord": {"dd_personal_grad": False}})}
 
 
 def regularizer_config(name: str) -> dict:
@@ -66,15 +66,16 @@ def regularizer_config(name: str) -> dict:
     if name in REGULARIZERS:
         return REGULARIZERS[name]
     base, _, weight = name.partition("@")
+    regularizer, extra = _VARIANTS.get(base, (base, {}))
     try:
         value = float(weight)
     except ValueError:
         value = -1.0
-    if base not in _WEIGHT_KEYS or not value > 0:
+    if regularizer not in _WEIGHT_KEYS or not value > 0:
         raise AccordError(f"regularizer {name!r}: choose from {', '.join(REGULARIZERS)}, or NAME@WEIGHT with NAME in "
-                          f"{', '.join(_WEIGHT_KEYS)} and a positive WEIGHT (e.g. dd@20)")
-    section, key = _WEIGHT_KEYS[base]
-    return _merge(_VARIANTS.get(base, {}), {section: {key: value}})
+                          f"{', '.join([*_WEIGHT_KEYS, *_VARIANTS])} and a positive WEIGHT (e.g. dd@20)")
+    section, key = _WEIGHT_KEYS[regularizer]
+    return _merge(extra, {section: {key: value}})
 
 
 def settings_for(method: str) -> list[str]:
@@ -95,7 +96,7 @@ def settings_for(method: str) -> list[str]:
 def applies(regularizer: str, method: str) -> bool:
     """Whether a bench regularizer setting (a protocol name or an investigation ``NAME@WEIGHT``) fits ``method``."""
     base = regularizer.partition("@")[0]
-    return {"dd-sg": "dd"}.get(base, base) in settings_for(method)
+    return _VARIANTS.get(base, (base,))[0] in settings_for(method)
 
 
 @dataclass
@@ -220,10 +221,13 @@ def dependence_terms(pipe, refs: Path, trigger: str, seed: int = 1234, draws: in
         j, p, gen, null = (pipe.unet(x_t, t, encoder_hidden_states=c).sample for c in conds)
         n = latents[0].numel()
         kw = {"sample": x_t, "timesteps": t, "scheduler": sched}
-        parts["shift"].append(eq7(j, p, gen, null, **kw).abs() / n)
-        parts["personal"].append(eq7(j, p, j, j, **kw) / n)  # ‖U_j − U_j‖ = 0 leaves one term
-        parts["general"].append(eq7(j, j, gen, j, **kw) / n)
-        parts["null"].append(-eq7(j, j, j, null, **kw) / n)
+        personal_term = eq7(j, p, j, j, **kw) / n  # ‖U_j − U_j‖ = 0 leaves one term
+        general_term = eq7(j, j, gen, j, **kw) / n
+        null_term = -eq7(j, j, j, null, **kw) / n
+        parts["personal"].append(personal_term)
+        parts["general"].append(general_term)
+        parts["null"].append(null_term)
+        parts["shift"].append((personal_term + general_term - null_term).abs())  # Eq. 7 is their signed sum
     return {k: torch.cat(v).mean().item() for k, v in parts.items()}
 
 
@@ -237,9 +241,9 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
     refs = references(root / "references" / s.method, trigger, s.method)
     out = root / "runs" / s.name
     config = build_config(s, refs, out, weights)
-    shift_base = _base_shift(root, refs, trigger, weights) if s.checkpoints else None
+    base_terms = _base_terms(root, refs, trigger, weights) if s.checkpoints else None
     train(config, progress=progress)
-    terms = {0: shift_base} if shift_base is not None else {}
+    terms = {0: base_terms} if base_terms is not None else {}
     for ckpt in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
         if int(ckpt.name.split("-")[1]) < s.steps:
             terms[int(ckpt.name.split("-")[1])] = dependence_terms(load_trained(ckpt), refs, trigger)
@@ -274,7 +278,7 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
     return result
 
 
-def _base_shift(root: Path, refs: Path, trigger: str, weights: Path | None) -> dict | None:
+def _base_terms(root: Path, refs: Path, trigger: str, weights: Path | None) -> dict | None:
     """:func:`dependence_terms` of the base model: only defined when the trigger is a word it can read (not a new
     token)."""
     if trigger.startswith("<"):

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .base import Method, load_named_state, named_trainable_state, register
 from .lora import LORA_FILE
-from .textual_inversion import SDXL_KEYS, TI_FILE, LearnedTokens, unload_embeddings
+from .textual_inversion import SDXL_KEYS, TI_FILE, LearnedTokens, load_sdxl_embeddings, unload_embeddings
 
 MANIFEST = "break_a_scene.json"
 
@@ -314,9 +314,7 @@ class BreakAScene(Method):
         manifest = json.loads((output_dir / MANIFEST).read_text())
         state = load_file(str(output_dir / manifest["embeddings"]))
         if SDXL_KEYS[0] in state:  # SDXL: one call per text encoder, tokens in the manifest's order
-            for key, encoder, tokenizer in zip(SDXL_KEYS, ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")):
-                pipeline.load_textual_inversion(list(state[key]), token=manifest["tokens"],
-                                                text_encoder=getattr(pipeline, encoder), tokenizer=getattr(pipeline, tokenizer))
+            load_sdxl_embeddings(pipeline, state, manifest["tokens"])
         else:
             pipeline.load_textual_inversion(list(state.values()), token=list(state))
         if manifest.get("lora"):

@@ -82,6 +82,15 @@ class LearnedTokens:
         return path
 
 
+def load_sdxl_embeddings(pipeline, state: dict, token: str | list[str]) -> None:
+    """SDXL embeddings (``clip_l``/``clip_g``) into a stock pipeline: one ``load_textual_inversion`` call per text
+    encoder. ``token`` is one token (its rows are its vectors) or a list of tokens (one row each)."""
+    for key, encoder, tokenizer in zip(SDXL_KEYS, ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")):
+        rows = state[key] if isinstance(token, str) else list(state[key])
+        pipeline.load_textual_inversion(rows, token=token, text_encoder=getattr(pipeline, encoder),
+                                        tokenizer=getattr(pipeline, tokenizer))
+
+
 def load_embedding_file(pipeline, path: Path) -> str:
     """Load an embedding file written by :meth:`LearnedTokens.save` into a stock pipeline; returns its token.
 
@@ -106,10 +115,7 @@ def load_embedding_file(pipeline, path: Path) -> str:
         if token is None:
             raise ModelLoadError(f"{path} holds SDXL embeddings without a token name in its metadata; load it with "
                                  "load_textual_inversion(..., token=YOUR_TOKEN) for each text encoder")
-        pipeline.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipeline.text_encoder,
-                                        tokenizer=pipeline.tokenizer)
-        pipeline.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipeline.text_encoder_2,
-                                        tokenizer=pipeline.tokenizer_2)
+        load_sdxl_embeddings(pipeline, state, token)
         return token
     pipeline.load_textual_inversion(str(path.parent), weight_name=path.name)
     return token or next(iter(state))
