@@ -86,6 +86,36 @@ def test_shipped_detector_is_accurate_on_fresh_renders():
     assert PLACES
 
 
+def test_t2i_bar_counts_objects_colours_patterns_background_and_all_asked_also_places():
+    from accord.lab.quality import t2i_scores
+
+    prompt = "red square on the left, yellow striped circle, green background"
+    right = {"background": "green", "objects": {"square": {"color": "red", "pattern": "solid", "place": "left"},
+                                                "circle": {"color": "yellow", "pattern": "striped", "place": "right"}}}
+    sides = {"background": "green", "objects": {**right["objects"], "square": {**right["objects"]["square"],
+                                                                              "place": "right"}}}
+    colour = {"background": "green", "objects": {**right["objects"], "circle": {**right["objects"]["circle"],
+                                                                               "color": "red"}}}
+    scores = [t2i_scores([prompt], [d]) for d in (right, sides, colour)]
+    assert [(s["bar"], s["all_asked"]) for s in scores] == [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
+    assert scores[1]["places"] == 0.0 and scores[2]["colors"] == 0.0 and scores[2]["patterns"] == 1.0
+
+
+def test_terms_summary_takes_each_runs_last_checkpoint_and_the_base():
+    from accord.lab.report import format_terms, summarize_terms
+
+    def run(seed, last):
+        terms = {"0": dict(personal=1.0, general=2.0, null=3.0, shift=0.5),
+                 "10": dict(personal=9.0, general=9.0, null=9.0, shift=9.0),
+                 "150": dict(personal=last, general=2 * last, null=0.0, shift=3 * last)}
+        return {"setting": {"method": "lora", "regularizer": "dd", "seed": seed}, "dependence_terms": terms}
+
+    rows = summarize_terms([run(0, 1.0), run(1, 3.0), {"setting": {"method": "lora", "regularizer": "none"}}])
+    assert len(rows) == 1 and rows[0]["seeds"] == 2
+    assert rows[0]["personal"][0] == 2.0 and rows[0]["shift"][0] == 6.0 and rows[0]["base_null"] == (3.0, 0.0)
+    assert "3.00e+00 ± 0.0e+00 → 0.00e+00 ± 0.0e+00" in format_terms(rows)
+
+
 @pytest.mark.slow
 def test_pretrain_recipe_runs_in_smoke_mode(tmp_path):
     from accord.cli import main

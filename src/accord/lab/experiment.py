@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import format_table, sample_grid, summarize, write_report
+from .report import format_table, format_terms, sample_grid, summarize, summarize_terms, write_report
 from .runner import Setting, run_setting
 
 __all__ = ["run_experiment", "quiet"]
@@ -63,6 +63,8 @@ def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: 
     from .task import CATEGORIES
 
     per_category = "".join(f"\n### {c}\n\n{format_table(summarize(results, c))}\n" for c in CATEGORIES)
-    (folder / "summary.md").write_text(format_table(summarize(results)) + "\n" + per_category)
+    terms = summarize_terms(results)
+    terms_md = f"\n### Eq. 7's terms (nats per element, base → last checkpoint)\n\n{format_terms(terms)}\n" if terms else ""
+    (folder / "summary.md").write_text(format_table(summarize(results)) + "\n" + per_category + terms_md)
     (folder / "results.json").write_text(json.dumps(results))
     return results, report, seconds

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["METRICS", "per_seed", "summarize", "ci95", "format_table", "write_report"]
+__all__ = ["METRICS", "TERMS", "per_seed", "summarize", "summarize_terms", "ci95", "format_table", "format_terms",
+           "write_report"]
 
 METRICS = ("leak", "text", "fidelity", "clip_t", "clip_i")
 _LABEL = {"leak": "leak rate", "text": "text accuracy", "fidelity": "fidelity", "clip_t": "mini-CLIP-T",
@@ -66,6 +67,46 @@ def format_table(rows: list[dict], markdown: bool = True) -> str:
         cells = [r["method"], r["regularizer"], str(r["seeds"]), *[_fmt(m, *r[m]) for m in METRICS]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+TERMS = ("personal", "general", "null", "shift")
+
+
+def summarize_terms(results: list[dict]) -> list[dict]:
+    """Eq. 7's terms (``dependence_terms``) at the base model and at each run's last checkpoint, per
+    (method, regularizer): mean and 95% interval over seeds. Runs without the terms are left out."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in results:
+        terms = r.get("dependence_terms") or {}
+        if terms:
+            last = terms[str(max(int(k) for k in terms))]
+            groups[(r["setting"]["method"], r["setting"]["regularizer"])].append((terms.get("0"), last))
+    rows = []
+    for (method, reg), runs in groups.items():
+        row = {"method": method, "regularizer": reg, "seeds": len(runs)}
+        for t in TERMS:
+            row[t] = ci95([last[t] for _, last in runs])
+            row[f"base_{t}"] = ci95([base[t] for base, _ in runs if base])
+        rows.append(row)
+    return rows
+
+
+def _terms_cells(r: dict) -> list[str]:
+    return [r["method"], r["regularizer"], str(r["seeds"]),
+            *[f"{_sci(*r[f'base_{t}'])} → {_sci(*r[t])}" for t in TERMS]]
+
+
+def _sci(mean: float, half: float) -> str:
+    return f"{mean:.2e}" if math.isnan(half) else f"{mean:.2e} ± {half:.1e}"
+
+
+_TERMS_HEAD = ["method", "regularizer", "seeds", *[f"{t} (base → end)" for t in TERMS]]
+
+
+def format_terms(rows: list[dict]) -> str:
+    """Markdown table of :func:`summarize_terms` (nats per element)."""
+    lines = ["| " + " | ".join(_TERMS_HEAD) + " |", "|" + "---|" * len(_TERMS_HEAD)]
+    return "\n".join(lines + ["| " + " | ".join(_terms_cells(r)) + " |" for r in rows])
 
 
 def _html_table(rows: list[dict]) -> str:
@@ -148,6 +189,14 @@ def write_report(folder: Path, results: list[dict], *, title: str, intro: str, g
              '<p><img src="leak_rates.png"> <img src="dependence_shift.png"></p>']
     if notes:
         parts.append(f"<h2>Reading the numbers</h2><p>{notes}</p>")
+    terms = summarize_terms(results)
+    if terms:
+        head = "".join(f"<th>{h}</th>" for h in _TERMS_HEAD)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _terms_cells(r)) + "</tr>" for r in terms)
+        parts += ["<h2>Eq. 7's terms on the reference captions</h2><p>‖U_j − U_c‖² / (2σ_t²) per element, in nats, "
+                  "for c = the personal phrase, the general concepts and the empty caption, at the base model and "
+                  "at the last checkpoint; shift = mean |personal + general − null|. Mean ± 95% interval over "
+                  "seeds.</p>", f"<table><tr>{head}</tr>{body}</table>"]
     parts.append("<h2>Per prompt category (Appendix H)</h2>")
     for c in CATEGORIES:
         parts += [f"<h3>{c}</h3>", _html_table(summarize(results, c))]
