@@ -38,13 +38,20 @@ def per_seed(result: dict, category: str | None = None) -> dict[str, float]:
     return out
 
 
-def summarize(results: list[dict], category: str | None = None) -> list[dict]:
-    """One row per (method, regularizer): each metric's mean and CI over seeds, and the seed count."""
+def _by_setting(results: list[dict], value) -> dict[tuple, list]:
+    """``value(run)`` of each run, grouped by (method, regularizer) in first-seen order; None values are left out."""
     groups: dict[tuple, list] = defaultdict(list)
     for r in results:
-        groups[(r["setting"]["method"], r["setting"]["regularizer"])].append(per_seed(r, category))
+        v = value(r)
+        if v is not None:
+            groups[(r["setting"]["method"], r["setting"]["regularizer"])].append(v)
+    return groups
+
+
+def summarize(results: list[dict], category: str | None = None) -> list[dict]:
+    """One row per (method, regularizer): each metric's mean and CI over seeds, and the seed count."""
     rows = []
-    for (method, reg), seeds in groups.items():
+    for (method, reg), seeds in _by_setting(results, lambda r: per_seed(r, category)).items():
         row = {"method": method, "regularizer": reg, "seeds": len(seeds)}
         for m in METRICS:
             row[m] = ci95([s[m] for s in seeds])
@@ -60,13 +67,26 @@ def _fmt(m: str, mean: float, half: float) -> str:
     return f"{mean * scale:.1f} ± {half * scale:.1f}{unit}"
 
 
-def format_table(rows: list[dict], markdown: bool = True) -> str:
-    head = ["method", "regularizer", "seeds", *[_LABEL[m] for m in METRICS]]
+_HEAD = ["method", "regularizer", "seeds", *[_LABEL[m] for m in METRICS]]
+
+
+def _cells(r: dict) -> list[str]:
+    return [r["method"], r["regularizer"], str(r["seeds"]), *[_fmt(m, *r[m]) for m in METRICS]]
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["method"], r["regularizer"], str(r["seeds"]), *[_fmt(m, *r[m]) for m in METRICS]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def _html(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def format_table(rows: list[dict], markdown: bool = True) -> str:
+    return _markdown(_HEAD, [_cells(r) for r in rows])
 
 
 TERMS = ("personal", "general", "null", "shift")
@@ -75,14 +95,12 @@ TERMS = ("personal", "general", "null", "shift")
 def summarize_terms(results: list[dict]) -> list[dict]:
     """Eq. 7's terms (``dependence_terms``) at the base model and at each run's last checkpoint, per
     (method, regularizer): mean and 95% interval over seeds. Runs without the terms are left out."""
-    groups: dict[tuple, list] = defaultdict(list)
-    for r in results:
-        terms = r.get("dependence_terms") or {}
-        if terms:
-            last = terms[str(max(int(k) for k in terms))]
-            groups[(r["setting"]["method"], r["setting"]["regularizer"])].append((terms.get("0"), last))
+    def base_and_last(r: dict):
+        terms = r.get("dependence_terms")
+        return (terms.get("0"), terms[str(max(int(k) for k in terms))]) if terms else None
+
     rows = []
-    for (method, reg), runs in groups.items():
+    for (method, reg), runs in _by_setting(results, base_and_last).items():
         row = {"method": method, "regularizer": reg, "seeds": len(runs)}
         for t in TERMS:
             row[t] = ci95([last[t] for _, last in runs])
@@ -105,17 +123,11 @@ _TERMS_HEAD = ["method", "regularizer", "seeds", *[f"{t} (base → end)" for t i
 
 def format_terms(rows: list[dict]) -> str:
     """Markdown table of :func:`summarize_terms` (nats per element)."""
-    lines = ["| " + " | ".join(_TERMS_HEAD) + " |", "|" + "---|" * len(_TERMS_HEAD)]
-    return "\n".join(lines + ["| " + " | ".join(_terms_cells(r)) + " |" for r in rows])
+    return _markdown(_TERMS_HEAD, [_terms_cells(r) for r in rows])
 
 
 def _html_table(rows: list[dict]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ["method", "regularizer", "seeds", *[_LABEL[m] for m in METRICS]])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in
-                         [r["method"], r["regularizer"], r["seeds"], *[_fmt(m, *r[m]) for m in METRICS]]) + "</tr>"
-        for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return _html(_HEAD, [_cells(r) for r in rows])
 
 
 def leak_bars(rows: list[dict], path: Path, title: str = "leak rate (coupled object appears unasked)") -> Path:
@@ -191,12 +203,10 @@ def write_report(folder: Path, results: list[dict], *, title: str, intro: str, g
         parts.append(f"<h2>Reading the numbers</h2><p>{notes}</p>")
     terms = summarize_terms(results)
     if terms:
-        head = "".join(f"<th>{h}</th>" for h in _TERMS_HEAD)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _terms_cells(r)) + "</tr>" for r in terms)
         parts += ["<h2>Eq. 7's terms on the reference captions</h2><p>‖U_j − U_c‖² / (2σ_t²) per element, in nats, "
                   "for c = the personal phrase, the general concepts and the empty caption, at the base model and "
                   "at the last checkpoint; shift = mean |personal + general − null|. Mean ± 95% interval over "
-                  "seeds.</p>", f"<table><tr>{head}</tr>{body}</table>"]
+                  "seeds.</p>", _html(_TERMS_HEAD, [_terms_cells(r) for r in terms])]
     parts.append("<h2>Per prompt category (Appendix H)</h2>")
     for c in CATEGORIES:
         parts += [f"<h3>{c}</h3>", _html_table(summarize(results, c))]
