@@ -85,7 +85,8 @@ def _html(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def format_table(rows: list[dict], markdown: bool = True) -> str:
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`summarize`."""
     return _markdown(_HEAD, [_cells(r) for r in rows])
 
 
