@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from accord.lab import task
 from accord.lab.world import (BACKGROUNDS, COLORS, PATTERNS, Obj, Scene, caption, parse_caption,
@@ -116,6 +117,27 @@ def test_terms_summary_takes_each_runs_last_checkpoint_and_the_base():
     assert "3.00e+00 ± 0.0e+00 → 0.00e+00 ± 0.0e+00" in format_terms(rows)
 
 
+def test_pretrain_cli_offers_every_stage():
+    import argparse
+
+    from accord.lab.cli import add_arguments
+    from accord.lab.pretrain import STAGES
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert tuple(parser.parse_args(["pretrain", *[a for s in STAGES for a in ("--stage", s)]]).stage) == STAGES
+
+
+def test_unet_focus_draws_its_share_of_timesteps_from_the_noisiest():
+    from accord.lab.pretrain import timesteps
+
+    n, plain = 50_000, torch.randint(0, 1000, (50_000,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(timesteps(n, 1000, torch.Generator().manual_seed(3)), plain)  # the unet stage's draw
+    t = timesteps(n, 1000, torch.Generator().manual_seed(3), focus=0.6, window=400)
+    assert 0 <= t.min() and t.max() < 1000
+    assert abs((t >= 600).float().mean().item() - (0.6 + 0.4 * 0.4)) < 0.01  # focused share + uniform's own
+
+
 @pytest.mark.slow
 def test_pretrain_recipe_runs_in_smoke_mode(tmp_path):
     from accord.cli import main
@@ -128,6 +150,11 @@ def test_pretrain_recipe_runs_in_smoke_mode(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "w" / "sd")
     assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"
     assert len(judge.detect([render(random_scene(random.Random(0)))])) == 1
+    from safetensors.torch import load_file
+
+    name = "diffusion_pytorch_model.safetensors"
+    focus, shipped = (load_file(tmp_path / "w" / d / name) for d in ("stages/unet-focus", "sd/unet"))
+    assert focus.keys() == shipped.keys() and all(torch.equal(focus[k].half(), shipped[k]) for k in focus)
     assert main(["lab", "quality", "--weights", str(tmp_path / "w"), "--captions", "2", "--renders", "20",
                  "--sample-steps", "2", "--write"]) == 0
     assert (tmp_path / "w" / "quality.json").is_file()
