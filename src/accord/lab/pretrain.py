@@ -334,10 +334,10 @@ def timesteps(n: int, total: int, g: torch.Generator, focus: float = 0.0, window
 
 
 def _fit_unet(unet, corpus: tuple, r: Recipe, out: Path, stage: str, steps: int, lr: float, g: torch.Generator,
-              focus: float = 0.0, weight_cap: float = 0.0) -> None:
+              focus: float = 0.0, window: int = 0, weight_cap: float = 0.0) -> None:
     """Epsilon-prediction training of ``unet`` on ``corpus``, 10% empty captions, one-cycle ``lr``; saved to
     ``<out>/stages/<stage>`` every 250 steps. ``focus``: the share of each batch whose timestep is drawn from
-    the noisiest ``r.focus_window`` steps instead of all of them; ``weight_cap`` > 0 weights each sample's
+    the noisiest ``window`` steps instead of all of them; ``weight_cap`` > 0 weights each sample's
     error by 1/SNR(t) clamped to ``[1, weight_cap]`` (its error in x0 rather than in epsilon, up to the cap)."""
     from diffusers import DDPMScheduler
 
@@ -354,7 +354,7 @@ def _fit_unet(unet, corpus: tuple, r: Recipe, out: Path, stage: str, steps: int,
         drop = torch.rand(r.batch, generator=g) < 0.1
         cond[drop] = empty
         noise = torch.randn(latents.shape, generator=g)
-        t = timesteps(r.batch, total, g, focus, r.focus_window)
+        t = timesteps(r.batch, total, g, focus, window)
         pred = unet(noise_sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
         if weight_cap:
             a = noise_sched.alphas_cumprod[t]
@@ -386,7 +386,12 @@ def focus_unet(out: Path, r: Recipe) -> None:
     corpus = _unet_corpus(out, r, random.Random(seed))
     unet = UNet2DConditionModel.from_pretrained(out / "stages" / "unet")
     _fit_unet(unet, corpus, r, out, "unet-focus", r.focus_steps, 3e-4, torch.Generator().manual_seed(seed),
-              focus=r.focus_share, weight_cap=r.focus_weight_cap)
+              focus=r.focus_share, window=r.focus_window, weight_cap=r.focus_weight_cap)
+
+
+def _last(stages: Path, first: str, refined: str) -> Path:
+    """A stage's output folder: its refinement stage's where that ran, else its own."""
+    return stages / refined if (stages / refined).is_dir() else stages / first
 
 
 def assemble(out: Path, r: Recipe) -> Path:
@@ -399,7 +404,8 @@ def assemble(out: Path, r: Recipe) -> Path:
 
     st = out / "stages"
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(st / ("vae-decoder" if (st / "vae-decoder").is_dir() else "vae")), unet=UNet2DConditionModel.from_pretrained(st / ("unet-focus" if (st / "unet-focus").is_dir() else "unet")),
+        vae=AutoencoderKL.from_pretrained(_last(st, "vae", "vae-decoder")),
+        unet=UNet2DConditionModel.from_pretrained(_last(st, "unet", "unet-focus")),
         text_encoder=CLIPTextModel.from_pretrained(st / "clip" / "text"), tokenizer=M.tokenizer(),
         scheduler=M.lab_scheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False,
