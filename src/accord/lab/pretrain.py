@@ -299,7 +299,7 @@ def _fit_detector(det, r: Recipe, out: Path, rng, g, opt, sched, steps: int, sta
             _log(out, stage, step, steps, t0, loss=loss.item())
 
 
-def _unet_corpus(out: Path, r: Recipe, rng: random.Random) -> tuple:
+def _unet_corpus(out: Path, r: Recipe, rng: random.Random, stage: str = "unet") -> tuple:
     """The UNet stages' cached corpus: VAE posteriors of ``r.pool`` fresh scenes, the text states of one
     caption per scene, the empty caption's states (classifier-free guidance) and the latent scaling factor."""
     from diffusers import AutoencoderKL
@@ -319,7 +319,7 @@ def _unet_corpus(out: Path, r: Recipe, rng: random.Random) -> tuple:
             embeds.append(text(tokenize(tok, [random_caption(rng, s) for s in scenes]))[0].half())
         empty = text(tokenize(tok, [""]))[0]
     means, stds, embeds = torch.cat(means), torch.cat(stds), torch.cat(embeds)
-    print(f"[unet] cached {len(means)} scenes in {time.time() - t0:.0f}s", flush=True)
+    print(f"[{stage}] cached {len(means)} scenes in {time.time() - t0:.0f}s", flush=True)
     return means, stds, embeds, empty, vae.config.scaling_factor
 
 
@@ -383,7 +383,7 @@ def focus_unet(out: Path, r: Recipe) -> None:
 
     seed = r.seed + 41
     torch.manual_seed(seed)
-    corpus = _unet_corpus(out, r, random.Random(seed))
+    corpus = _unet_corpus(out, r, random.Random(seed), "unet-focus")
     unet = UNet2DConditionModel.from_pretrained(out / "stages" / "unet")
     _fit_unet(unet, corpus, r, out, "unet-focus", r.focus_steps, 3e-4, torch.Generator().manual_seed(seed),
               focus=r.focus_share, window=r.focus_window, weight_cap=r.focus_weight_cap)
