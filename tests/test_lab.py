@@ -138,6 +138,26 @@ def test_unet_focus_draws_its_share_of_timesteps_from_the_noisiest():
     assert abs((t >= 600).float().mean().item() - (0.6 + 0.4 * 0.4)) < 0.01  # focused share + uniform's own
 
 
+def test_grown_unet_predicts_as_the_unet_it_grew_from_until_trained():
+    from accord.lab.models import EMBED, grow_cross_attention, lab_unet
+
+    torch.manual_seed(0)
+    unet = lab_unet().eval()
+    grown = grow_cross_attention(unet).eval()
+    assert [type(b).__name__ for b in grown.down_blocks][0] == "CrossAttnDownBlock2D"
+    assert [type(b).__name__ for b in grown.up_blocks][-1] == "CrossAttnUpBlock2D"
+    assert all(a.transformer_blocks[0].only_cross_attention for a in grown.down_blocks[0].attentions)
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 7, EMBED)
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, encoder_hidden_states=text).sample, unet(x, t, encoder_hidden_states=text).sample)
+        for a in grown.up_blocks[-1].attentions:  # the new blocks do read the text once their projection is trained
+            torch.nn.init.normal_(a.proj_out.weight, std=0.1)
+        a, b = (grown(x, t, encoder_hidden_states=e).sample for e in (text, text.flip(1)))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="already has attention"):
+        grow_cross_attention(grown)
+
+
 @pytest.mark.slow
 def test_pretrain_recipe_runs_in_smoke_mode(tmp_path):
     from accord.cli import main
@@ -153,8 +173,9 @@ def test_pretrain_recipe_runs_in_smoke_mode(tmp_path):
     from safetensors.torch import load_file
 
     name = "diffusion_pytorch_model.safetensors"
-    focus, shipped = (load_file(tmp_path / "w" / d / name) for d in ("stages/unet-focus", "sd/unet"))
-    assert focus.keys() == shipped.keys() and all(torch.equal(focus[k].half(), shipped[k]) for k in focus)
+    grown, shipped = (load_file(tmp_path / "w" / d / name) for d in ("stages/unet-grow", "sd/unet"))
+    assert grown.keys() == shipped.keys() and all(torch.equal(grown[k].half(), shipped[k]) for k in grown)
+    assert any(k.startswith("down_blocks.0.attentions.") for k in shipped)  # the grown 16x16 cross-attention
     assert main(["lab", "quality", "--weights", str(tmp_path / "w"), "--captions", "2", "--renders", "20",
                  "--sample-steps", "2", "--write"]) == 0
     assert (tmp_path / "w" / "quality.json").is_file()

@@ -14,7 +14,8 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="lab_command", metavar="SUBCOMMAND")
     p = sub.add_parser("pretrain", help="train the lab's autoencoder, mini-CLIP, detector and text-to-image UNet from scratch")
     p.add_argument("--out", default="accord-lab-weights", help="weights folder (pass it as --weights to demo/bench)")
-    p.add_argument("--stage", action="append", choices=("vae", "clip", "detector", "unet", "unet-focus", "assemble"),
+    p.add_argument("--stage", action="append",
+                   choices=("vae", "clip", "detector", "unet", "unet-focus", "unet-grow", "assemble"),
                    help="run only these stages (repeatable; default all, in order)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: proves the recipe runs")

@@ -3,7 +3,8 @@
 * ``mini_clip_text`` — a CLIP text tower (``CLIPTextModelWithProjection``, real CLIP tokenizer, 32 tokens);
   its weights double as the pipeline's ``text_encoder`` (a ``CLIPTextModel`` ignores the projection).
 * :class:`ImageTower` — a small CNN whose projection lives in the same space (contrastive training).
-* ``lab_vae`` / ``lab_unet`` — a tiny ``AutoencoderKL`` (32 px → 16×16×4) and ``UNet2DConditionModel``.
+* ``lab_vae`` / ``lab_unet`` — a tiny ``AutoencoderKL`` (32 px → 16×16×4) and ``UNet2DConditionModel``;
+  :func:`grow_cross_attention` adds text cross-attention at its 16×16 level to a trained one.
 * :class:`Detector` — per-attribute classifier heads over the world's label space.
 """
 
@@ -14,7 +15,8 @@ from torch import nn
 
 from .world import BACKGROUNDS, COLORS, PATTERNS, PLACES, SHAPES
 
-__all__ = ["TEXT_LEN", "EMBED", "mini_clip_text", "ImageTower", "lab_vae", "lab_unet", "lab_scheduler", "Detector"]
+__all__ = ["TEXT_LEN", "EMBED", "mini_clip_text", "ImageTower", "lab_vae", "lab_unet", "grow_cross_attention", "lab_scheduler",
+           "Detector"]
 
 TEXT_LEN = 32  # tokens; the longest lab caption is ~25
 EMBED = 32  # text width = cross-attention width = CLIP projection width
@@ -82,6 +84,33 @@ def lab_unet():
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=EMBED,
         attention_head_dim=16, norm_num_groups=16,
     )
+
+
+def grow_cross_attention(unet):
+    """``unet`` (a :func:`lab_unet`) with cross-attention blocks added at its 16x16 level, where each latent pixel
+    takes its colour: its top down block and up block become ``CrossAttn*`` blocks with ``only_cross_attention``
+    (both attention layers read the text; self-attention over 256 positions would cost far more), their output
+    projections zeroed, so the grown UNet predicts exactly what ``unet`` did until it is trained."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    if cfg["down_block_types"][0] != "DownBlock2D" or cfg["up_block_types"][-1] != "UpBlock2D":
+        raise ValueError("grow_cross_attention: this UNet's 16x16 level already has attention (or it is not a lab "
+                         "UNet); grow the unet-focus stage's UNet")
+    cfg.update(down_block_types=["CrossAttnDownBlock2D", *cfg["down_block_types"][1:]],
+               up_block_types=[*cfg["up_block_types"][:-1], "CrossAttnUpBlock2D"],
+               only_cross_attention=[True] + [False] * (len(cfg["down_block_types"]) - 1),
+               mid_block_only_cross_attention=False)
+    grown = UNet2DConditionModel.from_config(cfg)
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or not all(".attentions." in k for k in missing):
+        raise ValueError(f"grow_cross_attention: {type(unet).__name__} is not a lab UNet "
+                         f"(unexpected {unexpected[:3]}, missing {[k for k in missing if '.attentions.' not in k][:3]})")
+    for block in (grown.down_blocks[0], grown.up_blocks[-1]):
+        for attn in block.attentions:
+            torch.nn.init.zeros_(attn.proj_out.weight)
+            torch.nn.init.zeros_(attn.proj_out.bias)
+    return grown
 
 
 def lab_scheduler():

@@ -12,7 +12,9 @@ Stages (each writes into ``<out>/stages/`` and can run in its own process):
 5. ``unet-focus`` — continues ``unet`` on a fresh pool with 60% of each batch's timesteps drawn from the 400
                   noisiest and each error weighted by 1/SNR clamped to [1, 10], where two objects' colours
                   are bound to their shapes.
-6. ``assemble`` — a ``StableDiffusionPipeline`` folder + mini-CLIP image tower + detector, as safetensors.
+6. ``unet-grow`` — grows text cross-attention into ``unet-focus``'s 16x16 level (zero-initialised, so it starts
+                  as ``unet-focus``) and trains the grown UNet as ``unet-focus`` was, in two rounds on fresh pools.
+7. ``assemble`` — a ``StableDiffusionPipeline`` folder + mini-CLIP image tower + detector, as safetensors.
 
 The checkered pattern (the personal subject's look) is kept out of the CLIP and UNet corpora.
 """
@@ -35,7 +37,7 @@ from .world import (BACKGROUNDS, COLORS, PATTERNS, PLACES, PRETRAIN_PATTERNS, SH
 
 __all__ = ["Recipe", "STAGES", "run_stage", "to_tensor", "labels_of", "timesteps"]
 
-STAGES = ("vae", "clip", "detector", "unet", "unet-focus", "assemble")
+STAGES = ("vae", "clip", "detector", "unet", "unet-focus", "unet-grow", "assemble")
 CLIP_BINDING_WEIGHT = 0.5  # token-level colour/pattern head of the clip stage, beside InfoNCE
 
 
@@ -52,12 +54,14 @@ class Recipe:
     focus_share: float = 0.6  # share of each batch drawn from the noisiest focus_window timesteps
     focus_window: int = 400
     focus_weight_cap: float = 10.0  # loss weight (1 - a)/a = 1/SNR, clamped to [1, cap]: x0-space error at high noise
+    grow_steps: int = 2000  # unet-grow stage: unet-focus with 16x16 cross-attention, trained as unet-focus is,
+    grow_rounds: int = 2  # in rounds of grow_steps, each on a fresh pool
     batch: int = 48
     pool: int = 20000  # scenes cached for the UNet stage
 
     @classmethod
     def smoke(cls) -> "Recipe":
-        return cls(vae_steps=3, vae_refine_steps=3, clip_steps=3, detector_steps=3, detector_refine_steps=3, unet_steps=3, focus_steps=3, batch=8, pool=64)
+        return cls(vae_steps=3, vae_refine_steps=3, clip_steps=3, detector_steps=3, detector_refine_steps=3, unet_steps=3, focus_steps=3, grow_steps=3, grow_rounds=2, batch=8, pool=64)
 
 
 def to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
@@ -389,9 +393,32 @@ def focus_unet(out: Path, r: Recipe) -> None:
               focus=r.focus_share, window=r.focus_window, weight_cap=r.focus_weight_cap)
 
 
-def _last(stages: Path, first: str, refined: str) -> Path:
-    """A stage's output folder: its refinement stage's where that ran, else its own."""
-    return stages / refined if (stages / refined).is_dir() else stages / first
+def grow_unet(out: Path, r: Recipe) -> None:
+    """``unet-focus`` with cross-attention grown at its 16x16 level (:func:`accord.lab.models.grow_cross_attention`),
+    trained in ``r.grow_rounds`` rounds with ``unet-focus``'s timestep draw, weights and learning rate, each round
+    a one-cycle run on a fresh pool that continues the previous one."""
+    unet = None
+    for k in range(r.grow_rounds):
+        unet = grow_round(out, r, k, unet)
+
+
+def grow_round(out: Path, r: Recipe, k: int, unet=None):
+    """Round ``k`` of the ``unet-grow`` stage, from ``unet`` (round 0: grown from the ``unet-focus`` stage)."""
+    from diffusers import UNet2DConditionModel
+
+    seed = r.seed + 77 + k
+    torch.manual_seed(seed)
+    if unet is None:
+        unet = M.grow_cross_attention(UNet2DConditionModel.from_pretrained(out / "stages" / "unet-focus"))
+    corpus = _unet_corpus(out, r, random.Random(seed), "unet-grow")
+    _fit_unet(unet, corpus, r, out, "unet-grow", r.grow_steps, 3e-4, torch.Generator().manual_seed(seed),
+              focus=r.focus_share, window=r.focus_window, weight_cap=r.focus_weight_cap)
+    return unet
+
+
+def _last(stages: Path, *names: str) -> Path:
+    """A model's output folder: that of the last of its stages ``names`` (in recipe order) that ran."""
+    return next((stages / n for n in reversed(names) if (stages / n).is_dir()), stages / names[0])
 
 
 def assemble(out: Path, r: Recipe) -> Path:
@@ -405,7 +432,7 @@ def assemble(out: Path, r: Recipe) -> Path:
     st = out / "stages"
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(_last(st, "vae", "vae-decoder")),
-        unet=UNet2DConditionModel.from_pretrained(_last(st, "unet", "unet-focus")),
+        unet=UNet2DConditionModel.from_pretrained(_last(st, "unet", "unet-focus", "unet-grow")),
         text_encoder=CLIPTextModel.from_pretrained(st / "clip" / "text"), tokenizer=M.tokenizer(),
         scheduler=M.lab_scheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False,
@@ -435,7 +462,8 @@ def _to_fp16(path: Path) -> None:
 
 def run_stage(stage: str, out: Path, recipe: Recipe) -> float:
     """Run one stage; returns its wall time in seconds (also appended to ``<out>/recipe.json``)."""
-    fn = {"vae": train_vae, "clip": train_clip, "detector": train_detector, "unet": train_unet, "unet-focus": focus_unet, "assemble": assemble}[stage]
+    fn = {"vae": train_vae, "clip": train_clip, "detector": train_detector, "unet": train_unet, "unet-focus": focus_unet, "unet-grow": grow_unet,
+          "assemble": assemble}[stage]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     fn(out, recipe)
