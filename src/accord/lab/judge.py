@@ -32,7 +32,7 @@ def weights_dir(path: str | Path | None = None) -> Path:
     """The lab weights folder (the shipped one by default); a one-line error with the fix when missing."""
     d = Path(path) if path else WEIGHTS
     if not (d / "sd" / "model_index.json").is_file() or not (d / "detector.safetensors").is_file():
-        raise AccordError(f"no lab weights in {d}: run `accord lab pretrain --out {d}` (about 2.5 h on 2 CPU cores)")
+        raise AccordError(f"no lab weights in {d}: run `accord lab pretrain --out {d}` (about 2.3 h on 2 CPU cores)")
     return d
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from .world import BACKGROUNDS, COLORS, PATTERNS, PLACES, SHAPES
 
-__all__ = ["TEXT_LEN", "EMBED", "mini_clip_text", "ImageTower", "lab_vae", "lab_unet", "grow_cross_attention", "lab_scheduler",
-           "Detector"]
+__all__ = ["TEXT_LEN", "EMBED", "mini_clip_text", "ImageTower", "lab_vae", "lab_unet", "grow_cross_attention",
+           "lab_scheduler", "Detector"]
 
 TEXT_LEN = 32  # tokens; the longest lab caption is ~25
 EMBED = 32  # text width = cross-attention width = CLIP projection width
