@@ -63,3 +63,17 @@ def test_method_token_must_match_trigger():
     with pytest.raises(ConfigError, match="textual inversion learns the trigger"):
         config_from_dict({"model": {"pretrained": "x"}, "data": {"instance_dir": "d", "class_noun": "dog"},
                           "method": {"name": "textual_inversion"}}).validate()
+
+
+@pytest.mark.parametrize("raw, fix", [
+    ({"accord": {"dd_reduction": "mean"}}, "accord.dd_scale"),
+    ({"regularizers": {"sude_truncation": 0.5}}, "sude_truncation=fixed and regularizers.sude_tau=0.5"),
+])
+def test_replaced_keys_name_their_successor(raw, fix):
+    with pytest.raises(ConfigError, match=fix.replace(".", r"\.")) as info:
+        config_from_dict({"model": {"pretrained": "x"}, **raw})
+    assert "\n" not in str(info.value)
+
+
+def test_default_scale_is_the_papers_reference():
+    assert Config().accord.dd_scale == "reference" and Config().regularizers.sude_truncation == "category"

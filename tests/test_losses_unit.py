@@ -109,7 +109,7 @@ def test_flow_pinned_value(shift, timestep, expected):
     delta = shift_of(pinned(), torch.zeros(1, 2, dtype=torch.float64), torch.tensor([timestep]), scheduler)
     assert delta.item() == pytest.approx(expected, rel=1e-6)
     # dd_loss weights flow by σ_t: timestep/num_train_timesteps
-    loss, parts = dd_loss(*pinned(), sample=torch.zeros(1, 2), timesteps=timestep, scheduler=scheduler, reduction="sum")
+    loss, parts = dd_loss(*pinned(), sample=torch.zeros(1, 2), timesteps=timestep, scheduler=scheduler, scale="sum")
     assert parts["weight"].item() == pytest.approx(timestep / 4)
     assert loss.item() == pytest.approx(timestep / 4 * expected, rel=1e-6)
 
@@ -130,7 +130,7 @@ def test_dynamic_shifting_uses_unshifted_training_sigmas():
 
 
 # ----------------------------------------------------------------------------- dd_loss weighting
-def test_dd_loss_weight_and_reductions():
+def test_dd_loss_weight_and_scales():
     scheduler = constant_beta("sample")
     # Batch of 3 at t = 1, 1, 0 with per-sample element count 2·3 = 6; the second sample has Δ < 0.
     j = torch.zeros(3, 2, 3, dtype=torch.float64)
@@ -140,18 +140,73 @@ def test_dd_loss_weight_and_reductions():
     p[2, 0, 0] = 1.0  # t = 0: no previous step
     t = torch.tensor([1, 1, 0])
     c = 0.09 / 0.038
-    loss_sum, parts = dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler, reduction="sum")
+    loss_sum, parts = dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler, scale="sum")
     # rtol 1e-6: diffusers' alphas_cumprod is float32, so c carries float32 rounding
     close = {"rtol": 1e-6, "atol": 0}
     torch.testing.assert_close(parts["dependence_shift"], torch.tensor([c, -c, 0.0], dtype=torch.float64), **close)
     torch.testing.assert_close(parts["weight"], torch.tensor([0.1, 0.1, 0.0], dtype=torch.float64), **close)
     torch.testing.assert_close(parts["dd"], torch.tensor([0.1 * c, 0.1 * c, 0.0], dtype=torch.float64), **close)
     assert loss_sum.item() == pytest.approx(2 * 0.1 * c / 3)  # batch mean of (t/T)|Δ|
-    loss_mean, parts_mean = dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler)  # default "mean"
+    loss_mean, parts_mean = dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler, scale="mean")
     assert loss_mean.item() == pytest.approx(loss_sum.item() / 6)  # Δ divided by elements per sample
     torch.testing.assert_close(parts_mean["dependence_shift"], parts["dependence_shift"])  # Δ stays in nats
-    with pytest.raises(ValueError, match="'mean' or 'sum'"):
-        dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler, reduction="none")
+    # reference (the default): per element and divided by m_t = a_s·σ²_{t|s}/b_t² = √0.9·0.1/0.19 at t = 1
+    loss_ref, parts_ref = dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler)
+    assert loss_ref.item() == pytest.approx(loss_sum.item() / 6 / (math.sqrt(0.9) * 0.1 / 0.19), rel=1e-6)
+    assert parts_ref["dd"][2].item() == 0.0  # t = 0 (m_t = 0) stays 0, not inf or nan
+    with pytest.raises(ValueError, match="reference, mean, sum"):
+        dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler, scale="none")
+
+
+# Hand-computed reference-scale values: the PINNED predictions (2 elements, bracket 1.75), Eq. 8's t/T, and
+# m_t, the posterior coefficient on x̂_0, written out from the schedule by hand.
+# Constant β = 0.1 on a 10-step grid:
+#   t = 1: ᾱ_t = 0.81, ᾱ_s = 0.9, σ²_{t|s} = 0.19 − 0.9·0.1 = 0.1, m = √0.9·0.1/0.19, σ̃² = 0.1·0.1/0.19
+#   t = 2: ᾱ_t = 0.729, ᾱ_s = 0.81, σ²_{t|s} = 0.271 − 0.9·0.19 = 0.1, m = 0.9·0.1/0.271, σ̃² = 0.1·0.19/0.271
+# Eq. 7's coefficient on ‖Δpred‖² is a_s²σ²_{t|s}/(2 b_t² b_s²) times c_out² (1 for x₀, b_t²/a_t² for ε, b_t²
+# for v). Flow (4-step grid): shift 1 at timestep 2: σ_t = 0.5, σ_s = 0.25, m = 0.75·(2/9)/0.25 = 2/3, Δ = 1.75;
+# shift 3 at timestep 3: σ_t = 0.75, σ_s = 0.5, m = 0.5·0.5/0.5625 = 4/9, Δ = 0.4375.
+REFERENCE_PINNED = [
+    ("sample", 1, 1.75 * 0.09 / 0.038, math.sqrt(0.9) * 0.1 / 0.19),
+    ("epsilon", 1, 1.75 * 0.1 / (2 * 0.9 * 0.1), math.sqrt(0.9) * 0.1 / 0.19),
+    ("v_prediction", 1, 1.75 * 0.09 / 0.2, math.sqrt(0.9) * 0.1 / 0.19),
+    ("sample", 2, 1.75 * 0.081 / (2 * 0.271 * 0.19), 0.9 * 0.1 / 0.271),
+    ("epsilon", 2, 1.75 * 0.1 / (2 * 0.9 * 0.19), 0.9 * 0.1 / 0.271),
+    ("v_prediction", 2, 1.75 * 0.081 / (2 * 0.19), 0.9 * 0.1 / 0.271),
+]
+
+
+@pytest.mark.parametrize("kind, t, delta, m", REFERENCE_PINNED)
+def test_reference_scale_pinned_ddpm(kind, t, delta, m):
+    scheduler = constant_beta(kind)
+    loss, parts = dd_loss(*pinned(), sample=torch.zeros(1, 2, dtype=torch.float64), timesteps=t, scheduler=scheduler)
+    assert parts["dependence_shift"].item() == pytest.approx(delta, rel=1e-6)
+    assert loss.item() == pytest.approx((t / 10) * delta / 2 / m, rel=1e-6)  # (t/T)·Δ per element / m_t
+
+
+@pytest.mark.parametrize("shift, timestep, delta, m", [(1.0, 2.0, 1.75, 2 / 3), (3.0, 3.0, 0.4375, 4 / 9)])
+def test_reference_scale_pinned_flow(shift, timestep, delta, m):
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=4, shift=shift)
+    loss, _ = dd_loss(*pinned(), sample=torch.zeros(1, 2), timesteps=timestep, scheduler=scheduler)
+    assert loss.item() == pytest.approx((timestep / 4) * delta / 2 / m, rel=1e-6)
+
+
+def test_reference_scale_is_sudes_on_the_sd_schedule():
+    """On SD's schedule the reference scale is the mean scale divided by diffusers' own posterior coefficient
+    (what Facechain-SuDe calls posterior_mean_coef1 = β_t·√ᾱ_{t−1}/(1−ᾱ_t)), 1/m from 45 at t = 50 to 1,208 at
+    t = 999; and a batch's loss is the mean of its samples' terms."""
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    acp = scheduler.alphas_cumprod.double()
+    torch.manual_seed(0)
+    preds = [torch.randn(3, 4, 8, 8, dtype=torch.float64) for _ in range(4)]
+    t = torch.tensor([50, 500, 999])
+    coef1 = scheduler.betas.double()[t] * acp[t - 1].sqrt() / (1 - acp[t])
+    assert (1 / coef1[0]).item() == pytest.approx(45.07, abs=0.01) and (1 / coef1[2]).item() == pytest.approx(1207.7, abs=0.1)
+    _, mean_parts = dd_loss(*preds, sample=preds[0], timesteps=t, scheduler=scheduler, scale="mean")
+    loss, parts = dd_loss(*preds, sample=preds[0], timesteps=t, scheduler=scheduler)
+    # 1e-4: diffusers keeps betas and alphas_cumprod in float32, and m_t is read from the latter (2e-5 apart at t=50)
+    torch.testing.assert_close(parts["dd"], mean_parts["dd"] / coef1, rtol=1e-4, atol=0)
+    assert loss.item() == pytest.approx(parts["dd"].mean().item(), rel=1e-12)
 
 
 def test_scalar_timestep_broadcasts():
@@ -163,8 +218,8 @@ def test_scalar_timestep_broadcasts():
 
 
 # ----------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_gradient_reaches_joint_and_personal_only(reduction):
+@pytest.mark.parametrize("scale", ["reference", "mean", "sum"])
+def test_gradient_reaches_joint_and_personal_only(scale):
     torch.manual_seed(0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon")
     joint, personal, general, null = (torch.randn(2, 4, 3, 3, requires_grad=True) for _ in range(4))
@@ -176,7 +231,7 @@ def test_gradient_reaches_joint_and_personal_only(reduction):
         sample=torch.randn(2, 4, 3, 3),
         timesteps=torch.tensor([300, 700]),
         scheduler=scheduler,
-        reduction=reduction,
+        scale=scale,
     )
     loss.backward()
     assert general.grad is None and null.grad is None  # the paper's stop-gradient
@@ -222,8 +277,8 @@ def test_low_precision_inputs_and_grid_ends(scheduler, timesteps, low):
     reference = shift_of(preds32, preds32[0], t, scheduler)
     scale = reference.abs().max()
     assert ((delta - reference).abs() <= 0.05 * scale).all()
-    for reduction in ("mean", "sum"):
-        loss, _ = dd_loss(*low_preds, sample=low_preds[0], timesteps=t, scheduler=scheduler, reduction=reduction)
+    for scale in ("reference", "mean", "sum"):
+        loss, _ = dd_loss(*low_preds, sample=low_preds[0], timesteps=t, scheduler=scheduler, scale=scale)
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 

@@ -38,12 +38,15 @@ def _preds(dist_cat: float, dist_null: float, batch: int = 1):
 def test_sude_pinned_vp_value():
     # ε-model: β_t² / (2σ̃²·α_t·(1−ᾱ_t)) = β_t / (2·α_t·(1−ᾱ_{t−1})); t=2: 0.3 / (2·0.7·0.28) = 0.765306…
     s, c, n = _preds(4.0, 1.0)
-    per, comps = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED, reduction="sum")
+    per, comps = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED, scale="sum")
     assert per.shape == (1,)
     assert per.item() == pytest.approx(3 * 0.3 / (2 * 0.7 * 0.28), rel=1e-6)
     assert per.item() == pytest.approx(2.2959184, rel=1e-6)
-    mean, _ = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED)
+    mean, _ = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED, scale="mean")
     assert mean.item() == pytest.approx(2.2959184 / 4, rel=1e-6)  # per element of the 4-element sample
+    # reference (default): per element over posterior_mean_coef1 = β_t·√ᾱ_{t−1}/(1−ᾱ_t) = 0.3·√0.72/0.496
+    ref, _ = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED)
+    assert ref.item() == pytest.approx(2.2959184 / 4 / (0.3 * math.sqrt(0.72) / 0.496), rel=1e-5)
     assert comps["sude_nats"].item() == pytest.approx(2.2959184, rel=1e-6) and comps["sude_active"].item() == 1
     # no previous step at t = 0: no reverse step, no loss
     assert sude_loss(s, c, n, timesteps=torch.tensor([0]), scheduler=SCHED)[0].item() == 0
@@ -52,22 +55,67 @@ def test_sude_pinned_vp_value():
 def test_sude_truncation_zeroes_the_loss_below_the_threshold():
     s, c, n = _preds(4.0, 1.0)
     t = torch.tensor([2])
-    kept = sude_loss(s, c, n, timesteps=t, scheduler=SCHED, truncation=2.0, reduction="sum")
-    cut = sude_loss(s, c, n, timesteps=t, scheduler=SCHED, truncation=2.5, reduction="sum")
+    kept = sude_loss(s, c, n, timesteps=t, scheduler=SCHED, truncation=2.0, scale="sum")
+    cut = sude_loss(s, c, n, timesteps=t, scheduler=SCHED, truncation=2.5, scale="sum")
     assert kept[0].item() == pytest.approx(2.2959184, rel=1e-6)
     assert cut[0].item() == 0 and cut[1]["sude_active"].item() == 0
     assert cut[1]["sude_nats"].item() == pytest.approx(2.2959184, rel=1e-6)  # still logged untruncated
-    # closer to ∅ than to the category is a negative log-ratio: truncated at the default 0 nats (τ = 1)
+    # closer to ∅ than to the category is a negative log-ratio: truncated at a fixed 0 nats (τ = 1)
     s, c, n = _preds(1.0, 4.0)
-    per, comps = sude_loss(s, c, n, timesteps=t, scheduler=SCHED)
+    per, comps = sude_loss(s, c, n, timesteps=t, scheduler=SCHED, truncation=0.0)
     assert per.item() == 0 and comps["sude_nats"].item() == pytest.approx(-2.2959184, rel=1e-6)
     per.sum().backward()
     assert s.grad.abs().sum() == 0  # a truncated sample sends no gradient
 
 
+def _official_sude(eps_sub, eps_cate, eps_null, x_t, t, scheduler):
+    """A re-statement, in numpy, of Facechain-SuDe's official ε-model code (modelscope/facechain,
+    more_apps/Facechain-SuDe/ldm/models/diffusion/ddpm.py: prob_loss_func_class and the SuDe term of p_losses)
+    for a batch of one: returns (prob_loss · (1/posterior_mean_coef1[t]), loss_delta)."""
+    import numpy as np
+
+    betas = scheduler.betas.double().numpy()
+    acp = np.cumprod(1 - betas)
+    acp_prev = np.append(1.0, acp[:-1])
+    coef1 = betas * np.sqrt(acp_prev) / (1 - acp)
+    coef2 = (1 - acp_prev) * np.sqrt(1 - betas) / (1 - acp)
+    var = betas * (1 - acp_prev) / (1 - acp)  # posterior_variance (v_posterior = 0)
+
+    def mean(eps):  # posterior mean from predict_start_from_noise (LatentDiffusion: clip_denoised = False)
+        x0 = np.sqrt(1 / acp[t]) * x_t - np.sqrt(1 / acp[t] - 1) * eps
+        return coef1[t] * x0 + coef2[t] * x_t
+
+    x_t1, mu_c, mu = mean(eps_sub), mean(eps_cate), mean(eps_null)
+    x_c = mean(eps_cate)
+    loss = (((x_t1 - mu_c) ** 2).mean() - ((x_t1 - mu) ** 2).mean()) / (2 * var[t] + 1e-6)
+    loss_refer = (((x_c - mu_c) ** 2) - ((x_c - mu) ** 2)).mean() / (2 * var[t] + 1e-6)
+    return loss / coef1[t], float(loss - loss_refer > 0)
+
+
+def test_sude_matches_the_official_code():
+    """Values and the truncation (loss_delta) of the default, against the official rule re-stated above: random
+    predictions on SD's schedule, each sample on its own, half of them built to fall below the category's own."""
+    import numpy as np
+
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012)
+    rng = np.random.default_rng(0)
+    actives = []
+    for i, t in enumerate([60, 200, 450, 700, 900, 999, 300, 800]):
+        x_t, cate, null = (rng.standard_normal((4, 4, 4)) for _ in range(3))
+        # subjects near the category are classified as it more surely than the category itself: truncated
+        subject = cate + 0.3 * (cate - null) if i % 2 else rng.standard_normal((4, 4, 4))
+        ref, active = _official_sude(subject, cate, null, x_t, t, scheduler)
+        per, comps = sude_loss(*(torch.from_numpy(a[None]) for a in (subject, cate, null)), timesteps=torch.tensor([t]),
+                               scheduler=scheduler)
+        assert comps["sude_active"].item() == active, t
+        assert per.item() == pytest.approx(ref * active, rel=1e-3), t  # 1e-3: the official 2σ² + 1e-6
+        actives.append(active)
+    assert 0 < sum(actives) < len(actives)  # both sides of the rule were exercised
+
+
 def test_sude_gradient_reaches_only_the_subject_prediction():
     s, c, n = _preds(4.0, 1.0)
-    per, _ = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED, reduction="sum")
+    per, _ = sude_loss(s, c, n, timesteps=torch.tensor([2]), scheduler=SCHED, scale="sum")
     per.sum().backward()
     assert c.grad is None and n.grad is None  # sg[·] of the paper
     # d/ds of k·(‖s−c‖² − ‖s−n‖²) = 2k·(n − c), k = 0.765306…
@@ -153,7 +201,8 @@ def test_zero_weights_skip_the_extra_work(model, refs, tmp_path):
 def test_lean_mode_keeps_the_fast_gradient_with_sude(model, refs, tmp_path):
     def run(mode):  # truncation far below any value: SuDe always contributes here
         return _step(tiny_config(model, refs, tmp_path / mode, accord={"dd_weight": 0.3, "mode": mode},
-                                 regularizers={"sude_weight": 1.0, "sude_truncation": -1e9}))
+                                 regularizers={"sude_weight": 1.0, "sude_truncation": "fixed",
+                                               "sude_tau": -1e9}))
 
     fast, g_fast, unet_fast, _ = run("fast")
     lean, g_lean, unet_lean, _ = run("lean")

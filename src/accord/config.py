@@ -135,7 +135,12 @@ class MethodConfig:
 class AccordConfig:
     dd_weight: float = _f(0.0, "DDLoss weight (paper: 0.1-0.3); 0 disables and skips its passes")
     pd_weight: float = _f(0.0, "PDLoss weight (paper: 0.001-0.003); 0 disables; for methods that train c_p")
-    dd_reduction: str = _f("mean", "DDLoss scale: 'mean' divides the dependence shift by elements per sample; 'sum' keeps nats", ("mean", "sum"))
+    dd_scale: str = _f(
+        "reference", "scale of DDLoss and SuDe, the one the paper's weights refer to by default: 'reference' is "
+        "Facechain-SuDe's official convention (Delta per element, divided by the posterior coefficient m_t on x0); "
+        "'mean' is Delta per element only (~500x weaker on SD's schedule: the paper's weights do nothing there); "
+        "'sum' keeps nats", ("reference", "mean", "sum")
+    )
     dd_batch: int | None = _f(
         None, "samples of each batch that get the DD term (its personal/general/empty passes); default all"
     )
@@ -148,6 +153,11 @@ class AccordConfig:
     pd_clip: str | None = _f(
         None, "CLIP model with a text projection for PDLoss when the backbone's text encoder has none (SD 1.x/2.x)"
     )
+    grad_share_every: int = _f(
+        50, "every N steps, measure each regularizer's gradient norm relative to the diffusion loss's on the trained "
+        "parameters (logged as share_dd, share_pd, ...; one extra forward and a backward per regularizer on those "
+        "steps); 0 disables"
+    )
     dd_personal_grad: bool = _f(
         True, "DDLoss gradient through U(c_p) as Eq. 8 has it (only U(c_g), U(empty) are stop-gradient); False also "
         "stops U(c_p), an ablation where only the joint prediction learns from DDLoss (one no-grad pass for c_p, c_g, empty)"
@@ -159,13 +169,16 @@ class RegularizerConfig:
     """Comparator regularizers from other papers, in the same loop (docs/regularizers.md)."""
 
     sude_weight: float = _f(
-        0.0, "Facechain-SuDe derived-class loss weight (Qiao et al. 2024; its README uses 0.8-1.6 on its own scale); "
-        "on accord.dd_reduction's scale; 0 disables and skips its class-prompt and empty-prompt passes"
+        0.0, "Facechain-SuDe derived-class loss weight (Qiao et al. 2024; official code's default 0.4, its README "
+        "0.8); on accord.dd_scale's scale (theirs is 'reference'); 0 disables and skips its class-prompt and "
+        "empty-prompt passes"
     )
-    sude_truncation: float = _f(
-        0.0, "SuDe loss truncation: a sample's SuDe term is 0 once -log p(class | x_t-1) falls to this many nats "
-        "(0: probability 1)"
+    sude_truncation: str = _f(
+        "category", "SuDe loss truncation: 'category' (the official code's rule) keeps a sample's term only where it "
+        "exceeds the category prediction's own value; 'fixed' keeps it where -log p(class | x_t-1) exceeds "
+        "regularizers.sude_tau nats", ("category", "fixed")
     )
+    sude_tau: float = _f(0.0, "SuDe's fixed truncation threshold in nats, with sude_truncation=fixed (0: probability 1)")
     classdiffusion_weight: float = _f(
         0.0, "ClassDiffusion semantic preservation loss weight (1 - cos of personal and class phrase features); "
         "0 disables; for methods that train the text side"
@@ -240,6 +253,9 @@ class Config:
         for key, value in weights:
             if value < 0:
                 raise ConfigError(f"{key}={value} is negative; use 0 to disable or a positive weight")
+        if self.accord.grad_share_every < 0:
+            raise ConfigError(f"accord.grad_share_every={self.accord.grad_share_every}: use 0 to disable or a positive "
+                              "number of steps")
         if self.accord.dd_batch is not None and self.accord.dd_batch < 1:
             raise ConfigError(f"accord.dd_batch={self.accord.dd_batch}: use a positive number or null for the whole batch")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution"):
@@ -333,7 +349,16 @@ def _coerce(path: str, value: Any, f: dataclasses.Field, hint) -> Any:
     return out
 
 
+# Keys that were replaced: (section, key) -> the one-line fix.
+_RENAMED = {
+    ("accord", "dd_reduction"): "accord.dd_reduction was replaced by accord.dd_scale (reference | mean | sum; default "
+    "reference, the scale of the paper's weights); dd_reduction=mean is dd_scale=mean, ~500x weaker",
+}
+
+
 def _unknown(path: str, key: str, allowed: list[str]) -> ConfigError:
+    if (path, key) in _RENAMED:
+        return ConfigError(_RENAMED[(path, key)])
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     where = f"{path}.{key}" if path else key
@@ -361,6 +386,10 @@ def config_from_dict(data: dict | None) -> Config:
         for key, value in raw.items():
             if key not in fields:
                 raise _unknown(name, key, list(fields))
+            if (name, key) == ("regularizers", "sude_truncation") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                raise ConfigError(f"regularizers.sude_truncation={value!r}: it now names the rule; for a fixed "
+                                  f"threshold set regularizers.sude_truncation=fixed and regularizers.sude_tau={value}")
             values[key] = _coerce(f"{name}.{key}", value, fields[key], hints[key])
         sections[name] = cls(**values)
     return Config(**sections)

@@ -258,7 +258,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
 
     def dd(pred_joint_rows, pred_personal, pred_general, pred_null):
         value, comps = dd_loss(pred_joint_rows, pred_personal, pred_general, pred_null, sample=noisy[rows],
-                               timesteps=timesteps[rows], scheduler=backbone.noise_scheduler, reduction=acc.dd_reduction)
+                               timesteps=timesteps[rows], scheduler=backbone.noise_scheduler, scale=acc.dd_scale)
         parts["dd"] = value.detach()
         parts["dependence_shift"] = comps["dependence_shift"].mean()
         return value
@@ -318,7 +318,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
                 _with_micro(text(dd_personal, grad_text), micro_rows), None if image is None else image[rows]))
             second = acc.dd_weight * dd_loss(joint_d, pred_personal, pred_general, pred_null, sample=noisy[rows],
                                              timesteps=timesteps[rows], scheduler=backbone.noise_scheduler,
-                                             reduction=acc.dd_reduction)[0]
+                                             scale=acc.dd_scale)[0]
             if torch.isfinite(total):
                 accelerator.backward(second)
             return StepLosses(total=total, parts={**parts, "lean_backward_done": True})
@@ -391,8 +391,12 @@ def _sude_term(config: Config, backbone, text, pred_subject, noisy, timesteps, c
                                              micro), _with_micro(text([""] * n, False), micro)])
         rest = backbone.predict(noisy.repeat(2, *[1] * (noisy.dim() - 1)), timesteps.repeat(2), cond)
     per, _ = sude_loss(pred_subject, rest[:n], rest[n:], timesteps=timesteps, scheduler=backbone.noise_scheduler,
-                       truncation=config.regularizers.sude_truncation, reduction=config.accord.dd_reduction)
+                       truncation=_sude_truncation(config.regularizers), scale=config.accord.dd_scale)
     return per.mean()
+
+
+def _sude_truncation(reg) -> str | float:
+    return "category" if reg.sude_truncation == "category" else reg.sude_tau
 
 
 def _classdiffusion_term(backbone, personal: list[str], superclass: str, trigger: str) -> torch.Tensor:

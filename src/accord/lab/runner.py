@@ -37,7 +37,7 @@ METHODS: dict[str, dict] = {
 }
 # The paper's loss weights (Sec. 4: DDLoss 0.1-0.3, PDLoss 0.001-0.003), fixed before any lab result.
 DD_WEIGHT, PD_WEIGHT = 0.2, 0.002
-SUDE_WEIGHT, CLASSDIFFUSION_WEIGHT = 0.5, 0.1
+SUDE_WEIGHT, CLASSDIFFUSION_WEIGHT = 0.4, 0.1  # SuDe: its official code's default
 REGULARIZERS: dict[str, dict] = {
     "none": {},
     "dd": {"accord": {"dd_weight": DD_WEIGHT}},
