@@ -11,6 +11,8 @@ Variants, all timed on the same model objects, the same fixed batch and the same
   fast      accord.dd_weight=0.2, accord.mode=fast (the default)
   lean      accord.dd_weight=0.2, accord.mode=lean
   fast-dd1  accord.dd_weight=0.2, mode=fast, accord.dd_batch=1 (DD term on one sample of the batch)
+  fast-share  fast, measuring DDLoss's gradient share on every step (what accord.grad_share_every=N costs on
+            one step in N: the ratio to fast, minus 1, divided by N)
 
 Variants run round-robin (``--rounds`` rounds of ``--steps`` steps each, after ``--warmup`` steps of
 each), and the median step time per variant is reported, so machine load falls on all of them alike.
@@ -68,13 +70,14 @@ from accord.backbones.base import Backbone  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-VARIANTS = ("plain", "off", "fast", "lean", "fast-dd1")
+VARIANTS = ("plain", "off", "fast", "lean", "fast-dd1", "fast-share")
 LABELS = {
     "plain": "(a) plain diffusers step",
     "off": "(b) accord, dd_weight=0",
     "fast": "(c) accord DDLoss, mode=fast",
     "lean": "(d) accord DDLoss, mode=lean",
     "fast-dd1": "(e) accord DDLoss, fast, dd_batch=1",
+    "fast-share": "(f) accord DDLoss, fast, gradient share measured",
 }
 DD_WEIGHT = 0.2
 GENERAL_WORDS = ["girl", "park", "street", "table", "kitchen", "dog", "beach", "snow", "forest", "man", "car", "sofa"]
@@ -321,6 +324,7 @@ class Bench:
             "fast": _with_accord(self.config, dd_weight=DD_WEIGHT, mode="fast"),
             "lean": _with_accord(self.config, dd_weight=DD_WEIGHT, mode="lean"),
             "fast-dd1": _with_accord(self.config, dd_weight=DD_WEIGHT, mode="fast", dd_batch=1),
+            "fast-share": _with_accord(self.config, dd_weight=DD_WEIGHT, mode="fast"),
         }
         self.step_index = 0
 
@@ -374,7 +378,7 @@ class Bench:
         generator = _step_generator(0, self.step_index, 0, 0)
         with acc.autocast():
             losses = compute_step(config, self.backbone, self.method, self.text, self.batch, None, generator, acc,
-                                  "backpack")
+                                  "backpack", measure_share=variant == "fast-share")
         finite = acc.reduce(torch.isfinite(losses.total).float().to(acc.device), reduction="sum")
         if finite.item() < 1:
             raise RuntimeError(f"non-finite loss in variant {variant}")
@@ -511,7 +515,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         parts = [f"{case} ({by[next(iter(by))]['trainable_params'] / 1e6:.2f} M trainable):"]
         if "plain" in by and "off" in by:
             parts.append(f"accord off vs plain diffusers {by['off']['ms'] / by['plain']['ms']:.2f}× time")
-        for v in ("fast", "lean", "fast-dd1"):
+        for v in ("fast", "lean", "fast-dd1", "fast-share"):
             if v in by:
                 mem = f", {by[v]['mem_ratio']:.2f}× memory" if by[v]["mem_ratio"] is not None else ""
                 parts.append(f"{v} {by[v]['time_ratio']:.2f}× time{mem}")

@@ -23,12 +23,13 @@ from .backbones import Conditioning, load_backbone
 from .checkpoint import CONFIG_FILE, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
 from .errors import AccordError, ConfigError
-from .losses import classdiffusion_loss, dd_loss, pd_loss, sude_loss
+from .losses import classdiffusion_loss, dd_loss, dependence_terms, pd_loss, sude_loss
 from .methods import get_method
+from .monitor import TermsMonitor
 
 logger = logging.getLogger("accord.train")
 
-__all__ = ["train", "StepLosses"]
+__all__ = ["train", "build_model", "compute_step", "StepLosses"]
 
 
 # ---------------------------------------------------------------------------- data
@@ -185,8 +186,15 @@ def _diffusion_loss(config: Config, backbone, pred, target, timesteps, mask=None
 
 
 def compute_step(config: Config, backbone, method, text, batch: dict, class_batch: dict | None, generator,
-                 accelerator, superclass: str, latent_cache=None) -> StepLosses:
-    """Losses of one micro-batch; in ``lean`` mode this also runs the backward passes it needs."""
+                 accelerator, superclass: str, latent_cache=None, *, measure_share: bool = False,
+                 timesteps: torch.Tensor | None = None, force_terms: bool = False) -> StepLosses:
+    """Losses of one micro-batch; in ``lean`` mode this also runs the backward passes it needs.
+
+    ``measure_share``: also log each regularizer's gradient norm relative to the diffusion loss's on the trained
+    parameters (``share_dd``, ``share_pd``, ``share_sude``, ``share_classdiffusion``), through extra backward passes
+    that leave ``.grad`` untouched. ``timesteps`` fixes the step's timesteps instead of drawing them, and
+    ``force_terms`` computes Eq. 7's terms even with DDLoss off (``accord probe``).
+    """
     acc = config.accord
     device = backbone.device
     param = backbone.parameterization
@@ -205,12 +213,14 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     noise = torch.randn(latents.shape, generator=generator).to(device)
     if config.train.noise_offset:
         noise = noise + config.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
-    timesteps = backbone.sample_timesteps(latents.shape[0], generator, config.train).to(device)
+    if timesteps is None:
+        timesteps = backbone.sample_timesteps(latents.shape[0], generator, config.train)
+    timesteps = timesteps.to(device)
     noisy = param.add_noise(latents, noise, timesteps)
     target = param.training_target(latents, noise, timesteps)
 
     # DD terms (row, c_p, c_g): instance samples whose caption has other concepts, at most accord.dd_batch of them.
-    dd_terms = method.dd_conditions(batch) if acc.dd_weight > 0 else []
+    dd_terms = method.dd_conditions(batch) if acc.dd_weight > 0 or force_terms else []
     if acc.dd_batch is not None:
         dd_terms = dd_terms[: acc.dd_batch]
     dd_rows = [r for r, _, _ in dd_terms]
@@ -230,6 +240,7 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
         mask = torch.cat([mask, torch.ones(len(latents) - n_inst, *mask.shape[1:])]).to(device)
 
     def diffusion(pred_joint):
+        """The diffusion loss with prior preservation and the method's own extra losses (no regularizer)."""
         per = _diffusion_loss(config, backbone, pred_joint, target, timesteps, mask)
         loss = per[:n_inst].mean()
         parts["diffusion"] = loss.detach()
@@ -240,91 +251,130 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
         for name, value in method.extra_losses(batch).items():
             parts[name] = value.detach()
             loss = loss + value
-        return loss + comparators(pred_joint[:n_inst])
+        return loss
 
-    def comparators(pred_subject):
-        """SuDe and ClassDiffusion (docs/regularizers.md): added once per step with the diffusion loss."""
-        reg, total = config.regularizers, 0.0
+    def regularizers(pred_subject) -> dict:
+        """Weighted SuDe, ClassDiffusion (docs/regularizers.md) and PDLoss terms: added once per step."""
+        reg, out = config.regularizers, {}
         if reg.sude_weight > 0:
             value = _sude_term(config, backbone, text, pred_subject, noisy[:n_inst], timesteps[:n_inst],
                                captions[:n_inst], superclass, None if micro is None else micro[:n_inst])
             parts["sude"] = value.detach()
-            total = total + reg.sude_weight * value
+            out["sude"] = reg.sude_weight * value
         if reg.classdiffusion_weight > 0 and method.trains_text:
             value = _classdiffusion_term(backbone, personal, superclass, config.data.trigger)
             parts["classdiffusion"] = value.detach()
-            total = total + reg.classdiffusion_weight * value
-        return total
+            out["classdiffusion"] = reg.classdiffusion_weight * value
+        if pd_value is not None:
+            out["pd"] = acc.pd_weight * pd_value
+        return out
 
     def dd(pred_joint_rows, pred_personal, pred_general, pred_null):
-        value, comps = dd_loss(pred_joint_rows, pred_personal, pred_general, pred_null, sample=noisy[rows],
-                               timesteps=timesteps[rows], scheduler=backbone.noise_scheduler, scale=acc.dd_scale)
+        kw = {"sample": noisy[rows], "timesteps": timesteps[rows], "scheduler": backbone.noise_scheduler}
+        value, comps = dd_loss(pred_joint_rows, pred_personal, pred_general, pred_null, scale=acc.dd_scale, **kw)
         parts["dd"] = value.detach()
         parts["dependence_shift"] = comps["dependence_shift"].mean()
+        with torch.no_grad():  # Eq. 7 apart, nats per element (what `accord probe` reports)
+            terms = dependence_terms(pred_joint_rows, pred_personal, pred_general, pred_null, **kw)
+        parts.update({f"eq7_{name}": v.mean() for name, v in terms.items()})
         return value
 
     pd_value = None
     if acc.pd_weight > 0 and method.learns_personal_embedding:
         pd_value = _pd_term(backbone, personal, general, superclass, config.data.trigger, method.personal_features(image))
         parts["pd"] = pd_value.detach()
+    params = method.parameters() if measure_share else []
 
     if k == 0:
         with method.capture():
             pred_joint = backbone.predict(noisy, timesteps, cond)
-        loss = diffusion(pred_joint)
-    else:
-        micro_rows = None if micro is None else micro[rows]
-        image_rows = None if image is None else image[rows]
-        cond_personal = method.attach(_with_micro(text(dd_personal, grad_text), micro_rows), image_rows)
+        main, regs = diffusion(pred_joint), regularizers(pred_joint[:n_inst])
+        parts.update(_shares(main, regs, params)[0])
+        return StepLosses(total=main + sum(regs.values()), parts=parts)
+    micro_rows = None if micro is None else micro[rows]
+    image_rows = None if image is None else image[rows]
+    cond_personal = method.attach(_with_micro(text(dd_personal, grad_text), micro_rows), image_rows)
+    with torch.no_grad():
+        cond_rest = Conditioning.cat([method.attach(_with_micro(text(dd_general, False), micro_rows), None),
+                                      method.attach(_with_micro(text([""] * k, False), micro_rows), None)])
+    if acc.mode == "fast" and acc.dd_personal_grad:
+        with method.capture():
+            pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
+                                    Conditioning.cat([cond, cond_personal]))
+        pred_joint, pred_personal = pred[: len(noisy)], pred[len(noisy):]
         with torch.no_grad():
-            cond_rest = Conditioning.cat([method.attach(_with_micro(text(dd_general, False), micro_rows), None),
-                                          method.attach(_with_micro(text([""] * k, False), micro_rows), None)])
-        if acc.mode == "fast" and acc.dd_personal_grad:
-            with method.capture():
-                pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
-                                        Conditioning.cat([cond, cond_personal]))
-            pred_joint, pred_personal = pred[: len(noisy)], pred[len(noisy):]
-            with torch.no_grad():
-                rest = backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(2), cond_rest)
-            pred_general, pred_null = rest[:k], rest[k:]
-            loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], pred_personal, pred_general, pred_null)
-        else:  # lean: one forward with gradient alive at a time; the summed gradients equal fast mode's
-            # (with accord.dd_personal_grad=False the first part is the whole step: c_p's pass has no gradient)
-            with torch.no_grad():
-                if cond_personal.embeds.shape[1:] == cond_rest.embeds.shape[1:]:
-                    rest = backbone.predict(noisy[rows].repeat(3, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(3),
-                                            Conditioning.cat([cond_personal.detach(), cond_rest]))
-                else:  # image tokens lengthen c_p's sequence (visual_encoder): two forwards
-                    rest = torch.cat([backbone.predict(noisy[rows], timesteps[rows], cond_personal.detach()),
-                                      backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)),
-                                                       timesteps[rows].repeat(2), cond_rest)])
-            personal_d, pred_general, pred_null = rest[:k], rest[k: 2 * k], rest[2 * k:]
-            with method.capture():
-                pred_joint = backbone.predict(noisy, timesteps, cond)
-            loss = diffusion(pred_joint) + acc.dd_weight * dd(pred_joint[rows], personal_d, pred_general, pred_null)
-            if pd_value is not None:
-                loss = loss + acc.pd_weight * pd_value
-                pd_value = None
-            if not acc.dd_personal_grad:
-                return StepLosses(total=loss, parts=parts)
-            joint_d = pred_joint[rows].detach()
-            total = loss.detach()
-            if torch.isfinite(loss):
-                with accelerator.no_sync(backbone.denoiser):
-                    accelerator.backward(loss)
-            del pred_joint
-            image = method.reference_condition(batch)  # afresh: the first backward freed its graph
-            pred_personal = backbone.predict(noisy[rows], timesteps[rows], method.attach(
-                _with_micro(text(dd_personal, grad_text), micro_rows), None if image is None else image[rows]))
-            second = acc.dd_weight * dd_loss(joint_d, pred_personal, pred_general, pred_null, sample=noisy[rows],
-                                             timesteps=timesteps[rows], scheduler=backbone.noise_scheduler,
-                                             scale=acc.dd_scale)[0]
-            if torch.isfinite(total):
-                accelerator.backward(second)
-            return StepLosses(total=total, parts={**parts, "lean_backward_done": True})
-    if pd_value is not None:
-        loss = loss + acc.pd_weight * pd_value
-    return StepLosses(total=loss, parts=parts)
+            rest = backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(2), cond_rest)
+        pred_general, pred_null = rest[:k], rest[k:]
+        main, regs = diffusion(pred_joint), regularizers(pred_joint[:n_inst])
+        regs["dd"] = acc.dd_weight * dd(pred_joint[rows], pred_personal, pred_general, pred_null)
+        parts.update(_shares(main, regs, params)[0])
+        return StepLosses(total=main + sum(regs.values()), parts=parts)
+    # lean: one forward with gradient alive at a time; the summed gradients equal fast mode's
+    # (with accord.dd_personal_grad=False the first part is the whole step: c_p's pass has no gradient)
+    with torch.no_grad():
+        if cond_personal.embeds.shape[1:] == cond_rest.embeds.shape[1:]:
+            rest = backbone.predict(noisy[rows].repeat(3, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(3),
+                                    Conditioning.cat([cond_personal.detach(), cond_rest]))
+        else:  # image tokens lengthen c_p's sequence (visual_encoder): two forwards
+            rest = torch.cat([backbone.predict(noisy[rows], timesteps[rows], cond_personal.detach()),
+                              backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)),
+                                               timesteps[rows].repeat(2), cond_rest)])
+    personal_d, pred_general, pred_null = rest[:k], rest[k: 2 * k], rest[2 * k:]
+    with method.capture():
+        pred_joint = backbone.predict(noisy, timesteps, cond)
+    main, regs = diffusion(pred_joint), regularizers(pred_joint[:n_inst])
+    regs["dd"] = acc.dd_weight * dd(pred_joint[rows], personal_d, pred_general, pred_null)
+    loss = main + sum(regs.values())
+    if not acc.dd_personal_grad:
+        parts.update(_shares(main, regs, params)[0])
+        return StepLosses(total=loss, parts=parts)
+    # The second backward adds DDLoss's gradient through U(c_p); its share needs the first part's DD gradient.
+    dd_first = _grads(regs["dd"], params) if params else None
+    shares, main_norm = _shares(main, {n: v for n, v in regs.items() if n != "dd"}, params)
+    parts.update(shares)
+    joint_d = pred_joint[rows].detach()
+    total = loss.detach()
+    if torch.isfinite(loss):
+        with accelerator.no_sync(backbone.denoiser):
+            accelerator.backward(loss)
+    del pred_joint, main, regs, loss
+    image = method.reference_condition(batch)  # afresh: the first backward freed its graph
+    pred_personal = backbone.predict(noisy[rows], timesteps[rows], method.attach(
+        _with_micro(text(dd_personal, grad_text), micro_rows), None if image is None else image[rows]))
+    second = acc.dd_weight * dd_loss(joint_d, pred_personal, pred_general, pred_null, sample=noisy[rows],
+                                     timesteps=timesteps[rows], scheduler=backbone.noise_scheduler,
+                                     scale=acc.dd_scale)[0]
+    if dd_first is not None:
+        parts["share_dd"] = _norm(dd_first, _grads(second, params)) / main_norm
+    if torch.isfinite(total):
+        accelerator.backward(second)
+    return StepLosses(total=total, parts={**parts, "lean_backward_done": True})
+
+
+def _grads(loss, params: list) -> list:
+    """``∂loss/∂params`` without touching ``.grad`` (``None`` where a parameter is not reached)."""
+    if not torch.is_tensor(loss) or not loss.requires_grad:
+        return [None] * len(params)
+    return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+
+def _norm(*grad_lists) -> torch.Tensor:
+    """The norm of the sum of gradient lists (float32)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for together in zip(*grad_lists):
+        present = [g.float() for g in together if g is not None]
+        if present:
+            total = total + sum(present[1:], present[0]).pow(2).sum().cpu()
+    return total.sqrt()
+
+
+def _shares(main, regs: dict, params: list) -> tuple[dict, torch.Tensor | None]:
+    """``share_<name>``: ‖∇(w·L_name)‖ / ‖∇L_diffusion‖ on ``params``, and ‖∇L_diffusion‖ (``{}, None`` when no
+    parameters are given: nothing measured)."""
+    if not params:
+        return {}, None
+    main_norm = _norm(_grads(main, params)).clamp_min(1e-30)
+    return {f"share_{name}": _norm(_grads(value, params)) / main_norm for name, value in regs.items()}, main_norm
 
 
 def _superclass_prompts(prompts: list[str], superclass: str, trigger: str) -> list[str]:
@@ -435,6 +485,24 @@ def _make_optimizer(config: Config, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
+def build_model(config: Config, accelerator):
+    """The backbone and the method set up as the loop trains them, from ``train.seed``: frozen weights in the autocast
+    dtype on the accelerator's device, trained parameters in float32 (as diffusers' scripts do)."""
+    t = config.train
+    torch.manual_seed(t.seed)
+    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip)
+    method = get_method(config.method.name)(config, backbone)
+    method.setup()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    for module in backbone.frozen_modules():
+        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+    for p in method.parameters():
+        p.data = p.data.float()
+    if t.gradient_checkpointing:
+        backbone.denoiser.enable_gradient_checkpointing()
+    return backbone, method
+
+
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
 
@@ -462,19 +530,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
     )
     out = _prepare_output_dir(config, resume, accelerator.is_main_process)
     config_dict = config_to_dict(config)
-    torch.manual_seed(t.seed)
-
-    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip)
-    method = get_method(config.method.name)(config, backbone)
-    method.setup()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
-    # Frozen weights in the autocast dtype, trained parameters in float32 (as diffusers' scripts do).
-    for module in backbone.frozen_modules():
-        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
-    for p in method.parameters():
-        p.data = p.data.float()
-    if t.gradient_checkpointing:
-        backbone.denoiser.enable_gradient_checkpointing()
+    backbone, method = build_model(config, accelerator)
     if config.accord.pd_weight > 0 and not method.learns_personal_embedding:
         logger.warning("accord.pd_weight is set but method %s does not learn c_p; PDLoss is skipped", method.name)
     if config.regularizers.classdiffusion_weight > 0 and not method.trains_text:
@@ -510,18 +566,25 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
                      if class_set is not None else None)
     text = _TextCache(backbone, enabled=not method.trains_text)
     latent_cache = _LatentCache(backbone, enabled=t.cache_latents)
+    share_every = config.accord.grad_share_every
+    # Eq. 7's terms and the gradient shares: window means in train_summary.json, and the inert/falling warnings.
+    monitor = TermsMonitor(config.accord.dd_weight, config.accord.dd_scale)
+    if resume is not None:
+        monitor.load_state_dict(state.get("monitor"))
+    window = min(t.log_every, max(1, t.max_steps // 8))
     bar = tqdm(total=t.max_steps, initial=start_step, desc="accord train", disable=not (progress and accelerator.is_main_process))
     last_log = time.time()
     for step in range(start_step, t.max_steps):
         torch.manual_seed(t.seed * 7919 + step * 31 + rank)  # dropout and anything else on the global RNG
         logs, skipped = {}, False
+        measure = bool(share_every) and step % share_every == 0
         for micro in range(t.gradient_accumulation_steps):
             generator = _step_generator(t.seed, step, micro, rank)
             batch = batches.get(step, micro)
             class_batch = class_batches.get(step, micro) if class_batches else None
             with accelerator.autocast():
                 losses = compute_step(config, backbone, method, text, batch, class_batch, generator, accelerator,
-                                      config.data.class_noun, latent_cache)
+                                      config.data.class_noun, latent_cache, measure_share=measure and micro == 0)
             finite = torch.isfinite(losses.total).float()
             finite = accelerator.reduce(finite.to(accelerator.device), reduction="sum")
             if finite.item() < world:  # every rank skips together, so replicas stay identical
@@ -530,7 +593,10 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
             if not losses.parts.pop("lean_backward_done", False):
                 accelerator.backward(losses.total / t.gradient_accumulation_steps)
             for name, value in {"loss": losses.total, **losses.parts}.items():
-                logs[name] = logs.get(name, 0.0) + float(value.detach()) / t.gradient_accumulation_steps
+                if name.startswith("share_"):  # measured on the first micro-batch only
+                    logs[name] = float(value)
+                else:
+                    logs[name] = logs.get(name, 0.0) + float(value.detach()) / t.gradient_accumulation_steps
         if skipped:
             optimizer.zero_grad(set_to_none=True)
             nonfinite += 1
@@ -553,10 +619,14 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
         done = step + 1
         logs["lr"] = lr_scheduler.get_last_lr()[0]
         accelerator.log(logs, step=done)
+        monitor.add(step, logs)
+        if done % window == 0 or done == t.max_steps:
+            monitor.close_window(done)
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "dd", "pd", "dependence_shift")})
         if accelerator.is_main_process and (done % t.log_every == 0 or done == t.max_steps):
-            shown = "  ".join(f"{k}={v:.5g}" for k, v in logs.items())
+            # Eq. 7's terms go to the trackers and train_summary.json; the console keeps the personal one.
+            shown = "  ".join(f"{k}={v:.5g}" for k, v in logs.items() if not k.startswith("eq7_") or k == "eq7_personal")
             bar.write(f"step {done}/{t.max_steps}  {shown}  ({time.time() - last_log:.1f}s)")
             last_log = time.time()
         if t.validation_every and done % t.validation_every == 0 and accelerator.is_main_process:
@@ -567,8 +637,11 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(out, done, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
-                                config_dict=config_dict, extra={"nonfinite": nonfinite}, keep=t.checkpoints_total_limit)
+                                config_dict=config_dict, extra={"nonfinite": nonfinite, "monitor": monitor.state_dict()},
+                                keep=t.checkpoints_total_limit)
     bar.close()
+    if accelerator.is_main_process:
+        monitor.finish()
     accelerator.wait_for_everyone()
     # Replicas must hold identical weights after DDP training; check it instead of assuming it.
     from accelerate.utils import gather_object
@@ -579,7 +652,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
     if accelerator.is_main_process:
         written = method.save(out)
         summary = {"steps": t.max_steps, "num_processes": world, "replica_checksums": checksums,
-                   "replicas_identical": len(set(checksums)) == 1, "outputs": [p.name for p in written]}
+                   "replicas_identical": len(set(checksums)) == 1, "outputs": [p.name for p in written],
+                   "eq7": monitor.trajectory, "warnings": sorted(monitor.warned)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("wrote %s", ", ".join(str(p) for p in written))
     # No process leaves before the main one has written: a rank exiting right after gather_object could let a Gloo

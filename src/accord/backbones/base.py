@@ -123,6 +123,12 @@ class Backbone:
                                                   logit_std=train_cfg.logit_std, generator=generator)
         return (u * num).long().clamp(0, num - 1)
 
+    def timesteps_at(self, fraction: torch.Tensor) -> torch.Tensor:
+        """Training timesteps at ``fraction`` (in [0, 1)) of the way up the training grid, as the model is fed them:
+        DDPM indices here; flow-matching backbones return ``σ·N`` of that grid point."""
+        num = self.noise_scheduler.config.num_train_timesteps
+        return (fraction * num).long().clamp(0, num - 1)
+
     # -- shared helpers ---------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

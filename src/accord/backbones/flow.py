@@ -50,6 +50,10 @@ class FlowBackbone(Backbone):
         noisier steps. (diffusers' flow scripts index the descending grid, which flips that sign.)"""
         return self._grid[super().sample_timesteps(n, generator, train_cfg)]
 
+    def timesteps_at(self, fraction: torch.Tensor) -> torch.Tensor:
+        """``σ·N`` of the training grid point at ``fraction`` of the way up (σ increasing)."""
+        return self._grid[super().timesteps_at(fraction)]
+
     def _check_size(self, latents: torch.Tensor) -> None:
         h, w = latents.shape[-2:]
         if h % self.patch or w % self.patch:

@@ -196,7 +196,7 @@ def dependence_terms(pipe, refs: Path, trigger: str, seed: int = 1234, draws: in
     from diffusers import DDPMScheduler
     from PIL import Image
 
-    from ..losses.dd import dependence_shift as eq7
+    from ..losses.dd import dependence_terms
     from .pretrain import to_tensor
 
     caps = [p.read_text().strip() for p in sorted(refs.glob("*.txt"))]
@@ -219,15 +219,10 @@ def dependence_terms(pipe, refs: Path, trigger: str, seed: int = 1234, draws: in
         noise = torch.randn(latents.shape, generator=g)
         x_t = sched.add_noise(latents, noise, t)
         j, p, gen, null = (pipe.unet(x_t, t, encoder_hidden_states=c).sample for c in conds)
-        n = latents[0].numel()
-        kw = {"sample": x_t, "timesteps": t, "scheduler": sched}
-        personal_term = eq7(j, p, j, j, **kw) / n  # ‖U_j − U_j‖ = 0 leaves one term
-        general_term = eq7(j, j, gen, j, **kw) / n
-        null_term = -eq7(j, j, j, null, **kw) / n
-        parts["personal"].append(personal_term)
-        parts["general"].append(general_term)
-        parts["null"].append(null_term)
-        parts["shift"].append((personal_term + general_term - null_term).abs())  # Eq. 7 is their signed sum
+        terms = dependence_terms(j, p, gen, null, sample=x_t, timesteps=t, scheduler=sched)
+        for name in ("personal", "general", "null"):
+            parts[name].append(terms[name])
+        parts["shift"].append(terms["shift"].abs())  # Eq. 7 is their signed sum
     return {k: torch.cat(v).mean().item() for k, v in parts.items()}
 
 

@@ -3,18 +3,20 @@
 
 from .attention import cross_attention_mask_loss
 from .classdiffusion import classdiffusion_loss
-from .dd import dd_loss, dependence_shift
+from .dd import SCALES, dd_loss, dependence_shift, dependence_terms
 from .parameterization import Parameterization, UnsupportedSchedulerError
 from .pd import image_features, pd_loss, text_features
 from .sude import sude_loss
 
 __all__ = [
     "Parameterization",
+    "SCALES",
     "UnsupportedSchedulerError",
     "classdiffusion_loss",
     "cross_attention_mask_loss",
     "dd_loss",
     "dependence_shift",
+    "dependence_terms",
     "image_features",
     "pd_loss",
     "sude_loss",
