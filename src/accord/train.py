@@ -25,6 +25,7 @@ from .config import Config, config_to_dict
 from .errors import AccordError, ConfigError
 from .losses import classdiffusion_loss, dd_loss, pd_loss, sude_loss
 from .methods import get_method
+from .output import writable_folder
 
 logger = logging.getLogger("accord.train")
 
@@ -410,12 +411,12 @@ def _prepare_output_dir(config: Config, resume: str | None, is_main: bool) -> Pa
     out = Path(config.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir={out} is a file; choose a folder")
+    if is_main:  # a folder under a file or without write permission is one line before the model loads
+        writable_folder(out, "train.output_dir")
     holds_run = (out / CONFIG_FILE).is_file() or bool(list_checkpoints(out))
     if holds_run and resume is None and not config.train.overwrite_output_dir:
         raise ConfigError(f"train.output_dir={out} already holds a run; resume it with --resume latest, choose another "
                           "output_dir, or set train.overwrite_output_dir=true (its checkpoints are then replaced)")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
