@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import Conditioning, load_backbone
-from .checkpoint import CONFIG_FILE, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_config
+from .checkpoint import CONFIG_FILE, list_checkpoints, resume_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
 from .errors import AccordError, ConfigError
 from .losses import classdiffusion_loss, dd_loss, pd_loss, sude_loss
@@ -436,8 +436,9 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
 
 
-def train(config: Config, resume: str | None = None, progress: bool = True) -> Path:
-    """Run a training job; returns the output folder holding the final weights."""
+def train(config: Config, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> Path:
+    """Run a training job; returns the output folder holding the final weights. ``resume_anyway`` resumes even
+    though the reference images changed since the checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -490,10 +491,10 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
     _rebind(backbone, method, prepared[:-1])
 
     start_step, nonfinite = 0, 0
+    references = _fingerprint(config, items)
     if resume is not None:
-        ckpt = find_checkpoint(out, resume)
-        state = load_checkpoint(ckpt, method=method, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                lr_scheduler=lr_scheduler, config_dict=config_dict)
+        ckpt, state = resume_checkpoint(out, resume, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
+                                        config_dict=config_dict, references=references, resume_anyway=resume_anyway)
         start_step = state["step"]
         logger.info("resumed from %s at step %d", ckpt, start_step)
     if accelerator.is_main_process:
@@ -564,7 +565,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(out, done, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
-                                config_dict=config_dict, extra={"nonfinite": nonfinite}, keep=t.checkpoints_total_limit)
+                                config_dict=config_dict, extra={"nonfinite": nonfinite, "references": references},
+                                keep=t.checkpoints_total_limit)
     bar.close()
     accelerator.wait_for_everyone()
     # Replicas must hold identical weights after DDP training; check it instead of assuming it.
@@ -575,7 +577,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
         logger.warning("processes ended with different weights: %s", checksums)
     if accelerator.is_main_process:
         written = method.save(out)
-        summary = {"steps": t.max_steps, "num_processes": world, "replica_checksums": checksums,
+        summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": world, "replica_checksums": checksums,
                    "replicas_identical": len(set(checksums)) == 1, "outputs": [p.name for p in written]}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("wrote %s", ", ".join(str(p) for p in written))
@@ -586,7 +588,20 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
     # The barrier waits for that all-gather to finish first.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if nonfinite:  # the weights written are the last good ones, but the run did not finish as asked
+        raise AccordError(f"the last {nonfinite} step(s) had non-finite losses and were skipped; {out} holds the weights "
+                          f"of step {t.max_steps - nonfinite}, the last good one; lower train.learning_rate or use bf16 "
+                          "instead of fp16")
     return out
+
+
+def _fingerprint(config: Config, items) -> dict | None:
+    """The reference images' fingerprint kept in checkpoints (None for a method's own dataset)."""
+    if not items:
+        return None
+    from .data.references import reference_fingerprint
+
+    return reference_fingerprint(items, config.data.instance_dir)
 
 
 def _checksum(state: dict[str, torch.Tensor]) -> str:
