@@ -27,16 +27,6 @@ TINY_GENERATE = ["--prompt", "a sks backpack", "--num-images", "1", "--steps", "
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("sd")
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    return make_refs(tmp_path_factory.mktemp("refs"))
-
-
-@pytest.fixture(scope="module")
 def trained(model, refs, tmp_path_factory):
     """A finished two-step run with checkpoints at steps 1 and 2."""
     from accord.train import train
