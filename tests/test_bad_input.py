@@ -149,6 +149,7 @@ CASES = {
     "checkpoints_total_limit-negative": _set("train.checkpoints_total_limit=-2", "at least 1"),
     "lr_warmup_steps-negative": _set("train.lr_warmup_steps=-5", "negative"),
     "max_grad_norm-negative": _set("train.max_grad_norm=-1", ">= 0"),
+    "adam_epsilon-negative": _set("train.adam_epsilon=-1e-8", ">= 0"),
     "set-unparsable-yaml": _set("train.validation_prompts=[a {trigger}]", "not valid YAML", "quote"),
     "config-not-utf8": Case(_write_bad_utf8, ("latin1.yaml", "UTF-8")),
     # output folders
@@ -164,6 +165,9 @@ CASES = {
                                              c.tmp / "o"], ("--num-images 0",)),
     "generate-steps-0": Case(lambda c: ["generate", c.trained, *TINY_GENERATE, "--steps", "0", "--output", c.tmp / "o"],
                              ("--steps 0",)),
+    "generate-seed-overflow": Case(lambda c: ["generate", c.trained, *TINY_GENERATE, "--seed", str(2**63), "--output",
+                                              c.tmp / "o"], ("--seed", "use an integer from 0")),
+    "tiny-output-under-a-file": Case(lambda c: ["tiny", "sd", c.a_file() / "model"], ("a-file",)),  # any OSError
     # damaged checkpoints
     "resume-state-json-not-json": Case(_damaged_newest(lambda s: (s / "state.json").write_text("{\"step\": 2,")),
                                        ("step-000002/state.json", "--resume", "step-000001")),
