@@ -157,8 +157,9 @@ CASES = {
                                    ("train.output_dir", "not writable"), subprocess=True, read_only=True),
     "train-output-under-a-file": Case(lambda c: ["train", c.config(c.a_file() / "run"), "--no-progress"],
                                       ("train.output_dir", "a-file is a file")),
-    "generate-output-read-only": Case(lambda c: ["generate", c.trained, *TINY_GENERATE, "--output", c.read_only_folder()],
-                                      ("--output", "not writable"), subprocess=True, read_only=True),
+    "generate-output-read-only": Case(lambda c: ["generate", c.trained, *TINY_GENERATE, "--output",
+                                                 c.read_only_folder()], ("--output", "not writable"), subprocess=True,
+                                      read_only=True),
     "generate-output-under-a-file": Case(lambda c: ["generate", c.trained, *TINY_GENERATE, "--output",
                                                     c.a_file() / "out"], ("--output", "a-file is a file")),
     "generate-num-images-0": Case(lambda c: ["generate", c.trained, *TINY_GENERATE, "--num-images", "0", "--output",
@@ -330,5 +331,6 @@ def test_multiword_initializer_names_the_word_used(model):
     from accord.config import ModelConfig
 
     backbone = load_backbone(ModelConfig(pretrained=str(model)))
-    with pytest.warns(UserWarning, match=r"'stuffed animal'.*first only, 'stuffed'.*method.initializer_token.*'animal'"):
+    used = r"'stuffed animal'.*first only, 'stuffed'.*method.initializer_token.*'animal'"
+    with pytest.warns(UserWarning, match=used):
         backbone.add_tokens(["<s*>"], "stuffed animal")

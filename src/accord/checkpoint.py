@@ -218,10 +218,11 @@ def _pick(output_dir: Path, which: str) -> tuple[Path, _Stored]:
         damage = exc
     previous = _previous_intact(output_dir, _step_of(path))
     if previous is None:
-        raise CheckpointError(f"--resume {which}: {damage}, and no earlier checkpoint in {Path(output_dir) / 'checkpoints'}"
-                              " is intact; start a new output_dir") from None
+        raise CheckpointError(f"--resume {which}: {damage}, and no earlier checkpoint in "
+                              f"{Path(output_dir) / 'checkpoints'} is intact; start a new output_dir")
     if which != "latest":
-        raise CheckpointError(f"--resume {which}: {damage}; resume from the previous checkpoint with --resume {previous}")
+        raise CheckpointError(f"--resume {which}: {damage}; resume from the previous checkpoint with "
+                              f"--resume {previous}")
     logger.warning("the newest checkpoint is damaged (%s); resuming from the previous intact one, %s", damage, previous)
     return previous, _read(previous)
 

@@ -493,8 +493,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
     start_step, nonfinite = 0, 0
     references = _fingerprint(config, items)
     if resume is not None:
-        ckpt, state = resume_checkpoint(out, resume, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
-                                        config_dict=config_dict, references=references, resume_anyway=resume_anyway)
+        ckpt, state = resume_checkpoint(out, resume, method=method, optimizer=_inner(optimizer),
+                                        lr_scheduler=lr_scheduler, config_dict=config_dict, references=references,
+                                        resume_anyway=resume_anyway)
         start_step = state["step"]
         logger.info("resumed from %s at step %d", ckpt, start_step)
     if accelerator.is_main_process:
@@ -577,8 +578,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
         logger.warning("processes ended with different weights: %s", checksums)
     if accelerator.is_main_process:
         written = method.save(out)
-        summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": world, "replica_checksums": checksums,
-                   "replicas_identical": len(set(checksums)) == 1, "outputs": [p.name for p in written]}
+        summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": world,
+                   "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
+                   "outputs": [p.name for p in written]}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("wrote %s", ", ".join(str(p) for p in written))
     # No process leaves before the main one has written: a rank exiting right after gather_object could let a Gloo
@@ -589,9 +591,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if nonfinite:  # the weights written are the last good ones, but the run did not finish as asked
-        raise AccordError(f"the last {nonfinite} step(s) had non-finite losses and were skipped; {out} holds the weights "
-                          f"of step {t.max_steps - nonfinite}, the last good one; lower train.learning_rate or use bf16 "
-                          "instead of fp16")
+        raise AccordError(f"the last {nonfinite} step(s) had non-finite losses and were skipped; {out} holds the "
+                          f"weights of step {t.max_steps - nonfinite}, the last good one; lower train.learning_rate or "
+                          "use bf16 instead of fp16")
     return out
 
 
