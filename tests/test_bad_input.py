@@ -38,8 +38,8 @@ def trained(model, refs, tmp_path_factory):
 class Ctx:
     model: Path
     refs: Path
-    trained: Path
     tmp: Path
+    trained: Path | None = None
 
     def config(self, out: Path | None = None, refs: Path | None = None, **sections) -> Path:
         sections["train"] = {**TRAIN, **sections.get("train", {})}
@@ -210,7 +210,7 @@ def _accord(args, *, subprocess_=False, read_only=False, file_limit=None, capsys
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
 def test_bad_input_is_one_line(name, model, refs, trained, tmp_path, capsys):
     case = CASES[name]
-    ctx = Ctx(model, refs, trained, tmp_path)
+    ctx = Ctx(model, refs, tmp_path, trained)
     args = case.setup(ctx)
     limit = case.file_limit(ctx) if case.file_limit else None
     run = _accord(args, subprocess_=case.subprocess, read_only=case.read_only, file_limit=limit, capsys=capsys)
@@ -225,7 +225,7 @@ def test_bad_input_is_one_line(name, model, refs, trained, tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(model, refs, tmp_path):
-    config = Ctx(model, refs, tmp_path, tmp_path).config()
+    config = Ctx(model, refs, tmp_path).config()
     run = _accord(["--debug", "train", config, "--set", "train.log_every=0"], subprocess_=True)
     assert run.returncode != 0 and "Traceback" in run.stderr and "ConfigError: train.log_every=0" in run.stderr
 
@@ -247,7 +247,7 @@ def test_disk_full_keeps_the_last_checkpoint(model, refs, tmp_path, capsys, monk
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    run = _accord(["train", Ctx(model, refs, tmp_path, tmp_path).config(), "--no-progress"], capsys=capsys)
+    run = _accord(["train", Ctx(model, refs, tmp_path).config(), "--no-progress"], capsys=capsys)
     line = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "step-000002 not written (No space left on device)" in line and "MiB free" in line, line
@@ -261,7 +261,7 @@ def test_disk_full_keeps_the_last_checkpoint(model, refs, tmp_path, capsys, monk
 def test_resume_latest_passes_over_a_damaged_newest_checkpoint(model, refs, trained, tmp_path, caplog):
     from accord.train import train
 
-    ctx = Ctx(model, refs, trained, tmp_path)
+    ctx = Ctx(model, refs, tmp_path, trained)
     run = ctx.copy_run()
     _truncate(run / "checkpoints" / "step-000002" / "optimizer.safetensors")
     with caplog.at_level("INFO"):
@@ -304,7 +304,7 @@ def test_nonfinite_final_steps_end_with_the_last_good_weights(model, refs, tmp_p
 
     monkeypatch.setattr(train_module, "load_backbone", patched)
     out = tmp_path / "run"
-    run = _accord(["train", Ctx(model, refs, tmp_path, tmp_path).config(out, train={"max_steps": 3}), "--no-progress"],
+    run = _accord(["train", Ctx(model, refs, tmp_path).config(out, train={"max_steps": 3}), "--no-progress"],
                   capsys=capsys)
     line = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 2 and "last 2 step(s) had non-finite losses" in line and "step 1" in line, run.stderr
