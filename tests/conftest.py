@@ -62,6 +62,20 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """The tiny SD model the trainer tests train (a module may define its own)."""
+    return tiny_model_dir("sd")
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """A captioned reference folder of DreamBench's backpack (trainkit.CAPTIONS)."""
+    from trainkit import make_refs
+
+    return make_refs(tmp_path_factory.mktemp("refs"))
+
+
 @pytest.fixture(scope="session")
 def dreambench() -> Path:
     if not DREAMBENCH.is_dir():

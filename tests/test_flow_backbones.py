@@ -9,17 +9,12 @@ import pytest
 import torch
 
 from accord.errors import ConfigError
-from trainkit import make_refs, tiny_config
+from trainkit import tiny_config
 
 PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # as examples/
 FLOW = dict(accord={"dd_weight": 0.2}, method={"lora_targets": TARGETS},
             train={"max_steps": 2, "timestep_sampling": "logit_normal"})
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    return make_refs(tmp_path_factory.mktemp("refs"))
 
 
 def _image(pipe):

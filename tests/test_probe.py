@@ -11,12 +11,7 @@ import pytest
 import torch
 
 from accord.monitor import TermsMonitor
-from trainkit import make_refs, tiny_config
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    return make_refs(tmp_path_factory.mktemp("refs"))
+from trainkit import tiny_config
 
 
 def _check_point(p: dict) -> None:

@@ -13,7 +13,6 @@ from diffusers import DDPMScheduler
 from accord.config import RegularizerConfig
 from accord.errors import ConfigError
 from accord.losses import classdiffusion_loss, sude_loss
-from trainkit import make_refs
 from trainkit import tiny_config as _tiny
 
 
@@ -141,16 +140,6 @@ def test_negative_weights_are_rejected(tmp_path):
 
 
 # ---------------------------------------------------------------------------- in the trainer
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("sd")
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    return make_refs(tmp_path_factory.mktemp("refs"))
 
 
 def _step(config):

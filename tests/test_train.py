@@ -23,16 +23,6 @@ from trainkit import make_refs, tiny_config
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("sd")
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    return make_refs(tmp_path_factory.mktemp("refs"))
-
-
 def _write(config, path: Path) -> Path:
     path.write_text(yaml.safe_dump(config_to_dict(config)))
     return path

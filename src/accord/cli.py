@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"accord {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show an error's Python traceback instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -51,12 +52,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except AccordError as exc:
-        print(f"accord {args.command}: error: {exc}", file=sys.stderr)
+    except (AccordError, OSError) as exc:  # the user's input or machine (a file, a folder, the disk), not a bug
+        if args.debug:
+            raise
+        print(f"accord {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"accord {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}; fix the path or its permissions (accord --debug shows where)"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -31,6 +32,9 @@ def _f(default, help: str, choices: tuple | None = None, **kwargs):
         return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
 
+
+# train._step_generator seeds each step with about seed * 1.07e12; torch's generators take 64-bit seeds.
+SEED_LIMIT = 10_000_000
 
 BACKBONES = ("auto", "sd", "sdxl", "flux", "sd3")
 METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
@@ -221,6 +225,31 @@ class TrainConfig:
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite losses in a row (each one's step is skipped)")
     dataloader_workers: int = _f(0, "data loader worker processes")
 
+    def validate(self) -> None:
+        """Numbers the loop and AdamW would turn into a traceback, or silently into no training."""
+        lr = self.learning_rate
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"train.learning_rate={lr} must be a positive finite number, e.g. 1e-4")
+        for key in ("weight_decay", "adam_epsilon", "max_grad_norm"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"train.{key}={value} must be a finite number >= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise ConfigError(f"train.{key}={value} is outside [0, 1); AdamW's defaults are 0.9 and 0.999")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"train.seed={self.seed} is out of range; use an integer from 0 to {SEED_LIMIT - 1} "
+                              "(each step's 64-bit generator seeds are derived from it)")
+        for key in ("checkpoint_every", "lr_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} is negative; use 0 or a positive number of steps")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(f"train.checkpoints_total_limit={self.checkpoints_total_limit}: keep at least 1 "
+                              "checkpoint, or null to keep all")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every={self.log_every} must be at least 1 (a console line every N steps)")
+
 
 @dataclass
 class Config:
@@ -287,6 +316,7 @@ class Config:
                               "method.bas_phase1_lr > 0")
         if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
             raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
+        self.train.validate()
         return self
 
 
@@ -413,7 +443,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         if len(parts) != 2:
             raise ConfigError(f"--set {key!r}: name a key as section.key, e.g. accord.dd_weight=0.2")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}); "
+                              f"quote strings that hold YAML punctuation, e.g. "
+                              f"--set '{key}=\"...\"' or, for a list, --set '{key}=[\"a {{trigger}}\"]'") from None
         data.setdefault(parts[0], {})[parts[1]] = value
     return data
 
@@ -426,7 +461,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; see examples/ for templates")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                              "save the file as UTF-8") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

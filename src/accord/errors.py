@@ -15,3 +15,7 @@ class DataError(AccordError):
 
 class ModelLoadError(AccordError):
     """A base model or trained output cannot be found or loaded."""
+
+
+class CheckpointError(AccordError):
+    """A checkpoint cannot be written (disk full, file-size limit) or is damaged."""

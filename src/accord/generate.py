@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 
 from .errors import AccordError
+from .output import writable_folder
+
+# Each image's generator is seeded with seed * 1_000_003 + ...; torch's generators take 64-bit seeds.
+SEED_LIMIT = 2**63 // 1_000_003
 
 __all__ = ["generate", "add_arguments", "run"]
 
@@ -25,6 +29,13 @@ def generate(source: str, prompts: list[str], output: Path, *, num_images: int =
 
     if not prompts:
         raise AccordError("no prompts given; use --prompt TEXT (repeatable) or --prompts-file FILE")
+    for flag, value in (("--num-images", num_images), ("--steps", steps), ("--height", height), ("--width", width)):
+        if value is not None and value < 1:
+            raise AccordError(f"{flag} {value}: give a positive number")
+    if not 0 <= seed < SEED_LIMIT:
+        raise AccordError(f"--seed {seed}: use an integer from 0 to {SEED_LIMIT - 1} (the per-image 64-bit seeds "
+                          "are derived from it)")
+    writable_folder(output, "--output")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device == "cuda" else None
     pipe = load_trained(source, device=device, dtype=dtype)
@@ -38,7 +49,6 @@ def generate(source: str, prompts: list[str], output: Path, *, num_images: int =
         length = (read_run_config(Path(source)).get("model") or {}).get("max_sequence_length")
         if length is not None:
             extra["max_sequence_length"] = int(length)
-    output.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
     for p_index, prompt in enumerate(tqdm(prompts, desc="accord generate", disable=not progress)):
         row = []

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import Conditioning, load_backbone
-from .checkpoint import CONFIG_FILE, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_config
+from .checkpoint import CONFIG_FILE, list_checkpoints, resume_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
 from .errors import AccordError, ConfigError
 from .losses import classdiffusion_loss, dd_loss, dependence_terms, pd_loss, sude_loss
 from .methods import get_method
 from .monitor import TermsMonitor
+from .output import writable_folder
 
 logger = logging.getLogger("accord.train")
 
@@ -464,12 +465,12 @@ def _prepare_output_dir(config: Config, resume: str | None, is_main: bool) -> Pa
     out = Path(config.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir={out} is a file; choose a folder")
+    if is_main:  # a folder under a file or without write permission is one line before the model loads
+        writable_folder(out, "train.output_dir")
     holds_run = (out / CONFIG_FILE).is_file() or bool(list_checkpoints(out))
     if holds_run and resume is None and not config.train.overwrite_output_dir:
         raise ConfigError(f"train.output_dir={out} already holds a run; resume it with --resume latest, choose another "
                           "output_dir, or set train.overwrite_output_dir=true (its checkpoints are then replaced)")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -507,8 +508,9 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
 
 
-def train(config: Config, resume: str | None = None, progress: bool = True) -> Path:
-    """Run a training job; returns the output folder holding the final weights."""
+def train(config: Config, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> Path:
+    """Run a training job; returns the output folder holding the final weights. ``resume_anyway`` resumes even
+    though the reference images changed since the checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -549,10 +551,11 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
     _rebind(backbone, method, prepared[:-1])
 
     start_step, nonfinite = 0, 0
+    references = _fingerprint(config, items)
     if resume is not None:
-        ckpt = find_checkpoint(out, resume)
-        state = load_checkpoint(ckpt, method=method, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                lr_scheduler=lr_scheduler, config_dict=config_dict)
+        ckpt, state = resume_checkpoint(out, resume, method=method, optimizer=_inner(optimizer),
+                                        lr_scheduler=lr_scheduler, config_dict=config_dict, references=references,
+                                        resume_anyway=resume_anyway)
         start_step = state["step"]
         logger.info("resumed from %s at step %d", ckpt, start_step)
     if accelerator.is_main_process:
@@ -637,7 +640,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(out, done, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
-                                config_dict=config_dict, extra={"nonfinite": nonfinite, "monitor": monitor.state_dict()},
+                                config_dict=config_dict, extra={"nonfinite": nonfinite, "references": references,
+                                                                "monitor": monitor.state_dict()},
                                 keep=t.checkpoints_total_limit)
     bar.close()
     if accelerator.is_main_process:
@@ -651,9 +655,10 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
         logger.warning("processes ended with different weights: %s", checksums)
     if accelerator.is_main_process:
         written = method.save(out)
-        summary = {"steps": t.max_steps, "num_processes": world, "replica_checksums": checksums,
-                   "replicas_identical": len(set(checksums)) == 1, "outputs": [p.name for p in written],
-                   "eq7": monitor.trajectory, "warnings": sorted(monitor.warned)}
+        summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": world,
+                   "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
+                   "outputs": [p.name for p in written], "eq7": monitor.trajectory,
+                   "warnings": sorted(monitor.warned)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("wrote %s", ", ".join(str(p) for p in written))
     # No process leaves before the main one has written: a rank exiting right after gather_object could let a Gloo
@@ -663,7 +668,20 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> P
     # The barrier waits for that all-gather to finish first.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if nonfinite:  # the weights written are the last good ones, but the run did not finish as asked
+        raise AccordError(f"the last {nonfinite} step(s) had non-finite losses and were skipped; {out} holds the "
+                          f"weights of step {t.max_steps - nonfinite}, the last good one; lower train.learning_rate or "
+                          "use bf16 instead of fp16")
     return out
+
+
+def _fingerprint(config: Config, items) -> dict | None:
+    """The reference images' fingerprint kept in checkpoints (None for a method's own dataset)."""
+    if not items:
+        return None
+    from .data.references import reference_fingerprint
+
+    return reference_fingerprint(items, config.data.instance_dir)
 
 
 def _checksum(state: dict[str, torch.Tensor]) -> str:

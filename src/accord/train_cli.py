@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from .config import describe_keys, load_config
+from .errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set accord.dd_weight=0.2 (repeatable)")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoints/step-N folder of output_dir")
+    parser.add_argument("--resume-anyway", action="store_true",
+                        help="resume even though the reference images changed since the checkpoint (they are named)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -26,6 +29,8 @@ def run(args) -> int:
         return 2
     config = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = train(config, resume=args.resume, progress=not args.no_progress)
+    if args.resume_anyway and args.resume is None:
+        raise ConfigError("--resume-anyway goes with --resume latest (or a checkpoints/step-N folder)")
+    out = train(config, resume=args.resume, progress=not args.no_progress, resume_anyway=args.resume_anyway)
     print(f"done: weights and config in {out}")
     return 0

@@ -154,6 +154,15 @@ class Backbone:
                 from ..errors import ConfigError
 
                 raise ConfigError(f"initializer token {initializer!r} encodes to nothing; pick a plain word")
+            if len(init_ids) > 1 and not all_ids:  # once, not per text encoder
+                import warnings
+
+                first, words = tokenizer.decode(init_ids[:1]).strip(), initializer.split()
+                example = f", e.g. {words[-1]!r}" if len(words) > 1 else ""
+                warnings.warn(f"initializer {initializer!r} (method.initializer_token, default data.class_noun) is "
+                              f"{len(init_ids)} tokens; the new token(s) start from the first only, {first!r}; set "
+                              f"method.initializer_token to the one word to start from{example}", UserWarning,
+                              stacklevel=2)
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set below
             ids = tokenizer.convert_tokens_to_ids(tokens)
             table = encoder.get_input_embeddings().weight

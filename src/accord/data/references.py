@@ -23,6 +23,7 @@ Images without a caption get ``default_caption(trigger, class_noun)`` and one wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
@@ -54,7 +55,9 @@ __all__ = [
     "ReferenceItem",
     "augmentation_generator",
     "collate_references",
+    "fingerprint_changes",
     "list_images",
+    "reference_fingerprint",
     "scan_references",
     "subject_tokens",
 ]
@@ -293,7 +296,52 @@ def scan_references(
             UserWarning,
             stacklevel=2,
         )
+    _check_class_noun(items, class_noun, folder)
     return items
+
+
+def _check_class_noun(items: list[ReferenceItem], class_noun: str, folder: Path) -> None:
+    """Warn when no caption names the class noun: likely one kept from an example config (a dog as 'backpack')."""
+    words = class_noun.split()
+    noun = r"\s+".join(map(re.escape, words))
+    pattern = re.compile(rf"(?<!\w){noun}(?:e?s)?(?!\w)", re.IGNORECASE)
+    if words and items and not any(pattern.search(item.caption) for item in items):
+        warnings.warn(
+            f"data.class_noun={' '.join(words)!r} is in none of the {len(items)} captions in {folder} (e.g. "
+            f"{items[0].caption!r}); it is the subject's superclass (PDLoss, class images, new tokens' initial "
+            "embedding): set it to what the photos show, or name it in the captions",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def reference_fingerprint(items: Sequence[ReferenceItem], folder) -> dict[str, dict]:
+    """{name relative to ``folder``: size in bytes, content hash, caption} of each reference, kept in checkpoints so a
+    resume can tell that the photos changed."""
+    root = Path(folder).resolve()
+    out = {}
+    for item in items:
+        path = item.path.resolve()
+        data = path.read_bytes()
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        out[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()[:16], "caption": item.caption}
+    return out
+
+
+def fingerprint_changes(saved: dict[str, dict], now: dict[str, dict]) -> list[str]:
+    """What differs between two :func:`reference_fingerprint` results, one phrase per file, e.g. ``02.jpg: removed``."""
+    changes = []
+    for name in sorted(set(saved) | set(now), key=_natural_key):
+        a, b = saved.get(name), now.get(name)
+        if a is None:
+            changes.append(f"{name}: added")
+        elif b is None:
+            changes.append(f"{name}: removed")
+        elif (a["bytes"], a["sha256"]) != (b["bytes"], b["sha256"]):
+            changes.append(f"{name}: content changed ({a['bytes']} -> {b['bytes']} bytes)")
+        elif a["caption"] != b["caption"]:
+            changes.append(f"{name}: caption changed ({a['caption']!r} -> {b['caption']!r})")
+    return changes
 
 
 # ---- dataset -------------------------------------------------------------------------------------
