@@ -23,7 +23,7 @@ from .backbones import Conditioning, load_backbone
 from .checkpoint import CONFIG_FILE, list_checkpoints, resume_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
 from .errors import AccordError, ConfigError
-from .losses import classdiffusion_loss, dd_loss, dependence_terms, pd_loss, sude_loss
+from .losses import classdiffusion_loss, dd_loss, pd_loss, sude_loss
 from .methods import get_method
 from .monitor import TermsMonitor
 from .output import writable_folder
@@ -275,9 +275,8 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
         value, comps = dd_loss(pred_joint_rows, pred_personal, pred_general, pred_null, scale=acc.dd_scale, **kw)
         parts["dd"] = value.detach()
         parts["dependence_shift"] = comps["dependence_shift"].mean()
-        with torch.no_grad():  # Eq. 7 apart, nats per element (what `accord probe` reports)
-            terms = dependence_terms(pred_joint_rows, pred_personal, pred_general, pred_null, **kw)
-        parts.update({f"eq7_{name}": v.mean() for name, v in terms.items()})
+        # Eq. 7 apart, nats per element (what `accord probe` reports)
+        parts.update({f"eq7_{name}": v.mean() for name, v in comps["terms"].items()})
         return value
 
     pd_value = None

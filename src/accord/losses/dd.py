@@ -81,8 +81,24 @@ def dependence_shift(joint, personal, general, null, *, sample, timesteps, sched
     smallest sigma, whose step lands on clean data with zero variance — Δ is exactly 0: no reverse
     step, no dependence change counted (Eq. 8 weights index 0 by t/T = 0 anyway).
     """
-    return dependence_terms(joint, personal, general, null, sample=sample, timesteps=timesteps,
-                            scheduler=scheduler, per_element=False)["shift"]
+    return _eq7(_coefficients(joint, timesteps, scheduler), joint, personal, general, null)["shift"]
+
+
+def _eq7(c: PosteriorCoefficients, joint, personal, general, null, split: bool = False) -> dict[str, torch.Tensor]:
+    """Eq. 7's three terms and Δ per sample in nats (``split``: also additivity and alignment)."""
+    dtype = c.m.dtype
+    j, p, g, n = (x.to(dtype) for x in (joint, personal, general, null))
+    # U_a − U_b = m_t·c_out·(pred_a − pred_b); σ-normalised: u²/(2σ²)·‖pred_a − pred_b‖².
+    k = (c.m * c.c_out).pow(2) / (2 * c.var)
+    k = torch.where(c.valid, k, torch.zeros_like(k))
+    personal_term, general_term, null_term = k * _sq_norm(j - p), k * _sq_norm(j - g), k * _sq_norm(j - n)
+    out = {"personal": personal_term, "general": general_term, "null": null_term,
+           "shift": personal_term + general_term - null_term}
+    if split:
+        dp, dg = p - n, g - n
+        out["additivity"] = k * _sq_norm(j - n - dp - dg)
+        out["alignment"] = 2 * k * (dp * dg).flatten(1).sum(1)
+    return out
 
 
 def dependence_terms(joint, personal, general, null, *, sample, timesteps, scheduler,
@@ -99,17 +115,9 @@ def dependence_terms(joint, personal, general, null, *, sample, timesteps, sched
 
     Gradient flows through every input as given (detach what should be stop-gradient before calling).
     """
-    c = _coefficients(joint, timesteps, scheduler)
-    dtype = c.m.dtype
-    j, p, g, n = (x.to(dtype) for x in (joint, personal, general, null))
-    # U_a − U_b = m_t·c_out·(pred_a − pred_b); σ-normalised: u²/(2σ²)·‖pred_a − pred_b‖².
-    k = (c.m * c.c_out).pow(2) / (2 * c.var)
-    k = torch.where(c.valid, k, torch.zeros_like(k)) / (joint[0].numel() if per_element else 1)
-    dj, dp, dg = j - n, p - n, g - n
-    personal_term, general_term, null_term = k * _sq_norm(j - p), k * _sq_norm(j - g), k * _sq_norm(dj)
-    return {"personal": personal_term, "general": general_term, "null": null_term,
-            "shift": personal_term + general_term - null_term,
-            "additivity": k * _sq_norm(dj - dp - dg), "alignment": 2 * k * (dp * dg).flatten(1).sum(1)}
+    terms = _eq7(_coefficients(joint, timesteps, scheduler), joint, personal, general, null, split=True)
+    per = joint[0].numel() if per_element else 1
+    return {name: value / per for name, value in terms.items()}
 
 
 def dd_loss(joint, personal, general, null, *, sample, timesteps, scheduler, scale: str = "reference"):
@@ -123,14 +131,19 @@ def dd_loss(joint, personal, general, null, *, sample, timesteps, scheduler, sca
     ``general`` and ``null`` are detached here (the paper's stop-gradient, following Facechain-SuDe),
     so gradient reaches the model only through ``joint`` and ``personal``.
 
-    Returns ``(loss, components)``; ``components`` holds detached per-sample tensors:
-    ``dependence_shift`` (Δ in nats), ``weight`` (t/T) and ``dd`` (the weighted per-sample term on ``scale``).
+    Returns ``(loss, components)``; ``components`` holds detached per-sample tensors: ``dependence_shift`` (Δ in
+    nats), ``weight`` (t/T), ``dd`` (the weighted per-sample term on ``scale``) and ``terms``
+    (:func:`dependence_terms` in nats per element, from the same pass).
     """
     if scale not in SCALES:
         raise ValueError(f"dd_loss scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    delta = dependence_shift(joint, personal, general.detach(), null.detach(), sample=sample, timesteps=timesteps,
-                             scheduler=scheduler)
     c = _coefficients(joint, timesteps, scheduler)
-    per_sample = c.weight * delta.abs() * scale_factor(c, joint[0].numel(), scale)
-    components = {"dependence_shift": delta.detach(), "weight": c.weight.detach(), "dd": per_sample.detach()}
+    general, null = general.detach(), null.detach()
+    delta = _eq7(c, joint, personal, general, null)["shift"]
+    numel = joint[0].numel()
+    per_sample = c.weight * delta.abs() * scale_factor(c, numel, scale)
+    with torch.no_grad():  # for logging only: the split needs no gradient
+        terms = {name: v / numel for name, v in _eq7(c, joint, personal, general, null, split=True).items()}
+    components = {"dependence_shift": delta.detach(), "weight": c.weight.detach(), "dd": per_sample.detach(),
+                  "terms": terms}
     return per_sample.mean(), components
