@@ -7,7 +7,7 @@ Variants, all timed on the same model objects, the same fixed batch and the same
             examples/dreambooth/train_dreambooth_lora.py with --pre_compute_text_embeddings: VAE encode,
             noise, ``noise_scheduler.add_noise``, UNet forward, MSE on the target, backward, clip,
             AdamW step); the reference the others are compared with
-  off       accord's step with accord.dd_weight=0 (``compute_step`` + the body of ``train()``'s loop)
+  off       accord's step with accord.dd_weight=0 (``accord.train.Trainer.step``, what ``train()``'s loop runs)
   fast      accord.dd_weight=0.2, accord.mode=fast (the default)
   lean      accord.dd_weight=0.2, accord.mode=lean
   fast-dd1  accord.dd_weight=0.2, mode=fast, accord.dd_batch=1 (DD term on one sample of the batch)
@@ -282,7 +282,7 @@ class Bench:
 
         from accord.data.captions import split_caption
         from accord.methods import get_method
-        from accord.train import _TextCache, _make_optimizer, _rebind
+        from accord.train import Trainer, _make_optimizer, _rebind
 
         self.case, self.accelerator = case, accelerator
         device = accelerator.device
@@ -315,7 +315,6 @@ class Bench:
             pixels = torch.randn(case.batch, 4, case.size, case.size, generator=g).to(device)
         self.batch = {"pixel_values": pixels, "index": torch.arange(case.batch), "caption": captions, "personal": [p for p, _ in split],
                       "general": [q for _, q in split]}
-        self.text = _TextCache(backbone, enabled=not method.trains_text)
         # the plain reference pre-computes its text embeddings once (diffusers' --pre_compute_text_embeddings)
         with torch.no_grad():
             self.plain_cond = backbone.encode_prompts(captions)
@@ -326,6 +325,10 @@ class Bench:
             "fast-dd1": _with_accord(self.config, dd_weight=DD_WEIGHT, mode="fast", dd_batch=1),
             "fast-share": _with_accord(self.config, dd_weight=DD_WEIGHT, mode="fast"),
         }
+        # one Trainer per variant, all on the same model, optimizer and fixed batch
+        fixed = _FixedBatch(self.batch)
+        self.trainers = {v: Trainer(c, accelerator, backbone, method, self.optimizer, self.lr_scheduler, fixed)
+                         for v, c in self.variant_configs.items()}
         self.step_index = 0
 
     # -- (a) the stock diffusers step -----------------------------------------------------------------
@@ -369,31 +372,26 @@ class Bench:
         self.method.after_optimizer_step()  # textual inversion: restore the rows it does not learn (as the script)
         return loss.detach().item()
 
-    # -- (b)-(e) accord's step: compute_step + the body of train()'s loop ------------------------------
+    # -- (b)-(e) accord's step: Trainer.step, the body of train()'s loop ------------------------------
     def accord_step(self, variant: str) -> float:
-        from accord.train import _step_generator, compute_step
-
-        acc, config = self.accelerator, self.variant_configs[variant]
         self.step_index += 1
-        generator = _step_generator(0, self.step_index, 0, 0)
-        with acc.autocast():
-            losses = compute_step(config, self.backbone, self.method, self.text, self.batch, None, generator, acc,
-                                  "backpack", measure_share=variant == "fast-share")
-        finite = acc.reduce(torch.isfinite(losses.total).float().to(acc.device), reduction="sum")
-        if finite.item() < 1:
+        logs = self.trainers[variant].step(self.step_index, measure_share=variant == "fast-share")
+        if logs is None:
             raise RuntimeError(f"non-finite loss in variant {variant}")
-        if not losses.parts.pop("lean_backward_done", False):
-            acc.backward(losses.total)
-        logs = {name: float(value.detach()) for name, value in {"loss": losses.total, **losses.parts}.items()}
-        acc.clip_grad_norm_(self.params, config.train.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.after_optimizer_step()
         return logs["loss"]
 
     def step(self, variant: str) -> float:
         return self.plain_step() if variant == "plain" else self.accord_step(variant)
+
+
+class _FixedBatch:
+    """The same batch for every (step, micro-batch): what ``Trainer`` reads through ``get``."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def get(self, step: int, micro: int) -> dict:
+        return self.batch
 
 
 def _with_accord(config, **changes):

@@ -44,7 +44,7 @@ def run(tiny_model_dir, tmp_path_factory):
     refs, out, base = _scene(root / "refs"), root / "out", tiny_model_dir("sd")
     seen: dict = {"parts": [], "phase": [], "method": None}
     mp = pytest.MonkeyPatch()
-    real_step, real_hook = train_module.compute_step, BreakAScene.before_optimizer_step
+    real_step, real_hook = train_module.run_step, BreakAScene.before_optimizer_step
 
     def step(*args, **kwargs):
         losses = real_step(*args, **kwargs)
@@ -57,7 +57,7 @@ def run(tiny_model_dir, tmp_path_factory):
         unet_grads = [p.grad is not None for p in optimizer.param_groups[1]["params"]]
         seen["phase"].append((step_index, any(unet_grads), optimizer.param_groups[0]["lr"]))
 
-    mp.setattr(train_module, "compute_step", step)
+    mp.setattr(train_module, "run_step", step)
     mp.setattr(BreakAScene, "before_optimizer_step", hook)
     overrides = [f"model.pretrained={base}", f"data.instance_dir={refs}", "data.class_noun=object", "data.resolution=32",
                  "method.name=break_a_scene", "method.bas_phase1_steps=2", "method.bas_phase1_lr=5e-3",
@@ -116,7 +116,7 @@ def test_union_sampling_names_the_chosen_subjects(run):
 
 
 def test_masked_loss_ignores_pixels_outside_the_union(run, monkeypatch):
-    """compute_step scores only the union of the chosen subjects' masks (at latent size): a target that
+    """run_step scores only the union of the chosen subjects' masks (at latent size): a target that
     differs outside it gives the same diffusion loss. (The UNet still sees the whole noisy image, so its
     prediction inside the union depends on the outside, as in Break-A-Scene.)"""
     import torch.nn.functional as F
@@ -129,17 +129,19 @@ def test_masked_loss_ignores_pixels_outside_the_union(run, monkeypatch):
     items = scan_references(refs, "sks", "object")
     batch = collate_references([ReferenceDataset(items, 32)[0]])
     calls = []
-    real = train_module._diffusion_loss
+    from accord import step as step_module
+
+    real = step_module.diffusion_loss
 
     def spy(config_, backbone_, pred, target, timesteps, mask=None):
         calls.append((pred.detach(), target.detach(), timesteps, mask))
         return real(config_, backbone_, pred, target, timesteps, mask)
 
-    monkeypatch.setattr(train_module, "_diffusion_loss", spy)
+    monkeypatch.setattr(step_module, "diffusion_loss", spy)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        losses = train_module.compute_step(config, backbone, method, train_module._TextCache(backbone, False), batch,
-                                           None, generator, None, "object")
+        losses = step_module.run_step(config, backbone, method, step_module.TextCache(backbone, False), batch, None,
+                                      generator, "object", backward=None)
     chosen = method.prepare_batch(batch, torch.Generator().manual_seed(3))["bas_chosen"][0]  # the same draw
     pred, target, timesteps, mask = calls[-1]
     union = F.interpolate(batch["subject_masks"][:, chosen, 0].amax(1, keepdim=True), size=(16, 16), mode="nearest")
@@ -185,7 +187,7 @@ def test_sdxl_trains_both_encoders_and_loads_in_the_stock_pipeline(tiny_model_di
                  "method.name=break_a_scene", "method.bas_phase1_steps=1", "method.bas_phase1_lr=5e-2",
                  "method.lora_rank=4", f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=1",
                  "train.checkpoint_every=0", "train.report_to=none", "train.learning_rate=1e-3", "accord.dd_weight=0.2"]
-    parts, real_step = [], train_module.compute_step
+    parts, real_step = [], train_module.run_step
 
     def step(*args, **kwargs):
         losses = real_step(*args, **kwargs)
@@ -193,7 +195,7 @@ def test_sdxl_trains_both_encoders_and_loads_in_the_stock_pipeline(tiny_model_di
         return losses
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "compute_step", step)
+        mp.setattr(train_module, "run_step", step)
         train_module.train(load_config(None, overrides), progress=False)
     assert len(parts) == 2 and all({"diffusion", "attn"} <= p for p in parts), parts
     state = load_file(out / "learned_embeds.safetensors")

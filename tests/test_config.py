@@ -67,6 +67,7 @@ def test_method_token_must_match_trigger():
 
 @pytest.mark.parametrize("raw, fix", [
     ({"accord": {"dd_reduction": "mean"}}, "accord.dd_scale"),
+    ({"accord": {"dd_personal_grad": False}}, "dd_variant=frozen_personal"),
     ({"regularizers": {"sude_truncation": 0.5}}, "sude_truncation=fixed and regularizers.sude_tau=0.5"),
 ])
 def test_replaced_keys_name_their_successor(raw, fix):

@@ -34,18 +34,18 @@ def test_lora_with_ddloss_trains_and_loads_into_stock_pipeline(family, tiny_mode
     logged = []
     from accord import train as train_module
 
-    original = train_module.compute_step
+    original = train_module.run_step
 
     def spy(*args, **kwargs):
         losses = original(*args, **kwargs)
         logged.append(float(losses.parts["dependence_shift"]))
         return losses
 
-    train_module.compute_step = spy
+    train_module.run_step = spy
     try:
         out = train(tiny_config(model, refs, tmp_path / "run", **FLOW), progress=False)
     finally:
-        train_module.compute_step = original
+        train_module.run_step = original
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(logged)))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["outputs"] == ["pytorch_lora_weights.safetensors"]  # no kohya file for transformers

@@ -48,7 +48,8 @@ def test_only_the_adapter_gets_gradient(tiny_model_dir, pairs, encoder_dir, tmp_
 
     from accord.backbones import load_backbone
     from accord.methods import get_method
-    from accord.train import _Batches, _build_data, _TextCache, compute_step
+    from accord.step import TextCache, run_step
+    from accord.train import _Batches, _build_data
 
     config = _config(tiny_model_dir("sd"), pairs, encoder_dir, tmp_path / "g")
     backbone = load_backbone(config.model)
@@ -56,9 +57,8 @@ def test_only_the_adapter_gets_gradient(tiny_model_dir, pairs, encoder_dir, tmp_
     method.setup()
     _, dataset, _ = _build_data(config, Accelerator(cpu=True), backbone, method)
     batch = _Batches(dataset, 2, 0, 0, 1, 1).get(0, 0)
-    losses = compute_step(config, backbone, method, _TextCache(backbone, True), batch, None,
-                          torch.Generator().manual_seed(0), Accelerator(cpu=True), "backpack")
-    losses.total.backward()
+    losses = run_step(config, backbone, method, TextCache(backbone, True), batch, None,
+                      torch.Generator().manual_seed(0), "backpack", backward=lambda loss, last: loss.backward() or True)
     assert {"dd", "pd", "diffusion"} <= set(losses.parts)
     grads = {n for n, p in backbone.denoiser.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all("encoder_hid_proj" in n or "_ip." in n for n in grads), sorted(grads)[:5]

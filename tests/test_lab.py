@@ -98,7 +98,7 @@ def test_t2i_bar_counts_objects_colours_patterns_background_and_all_asked_also_p
     colour = {"background": "green", "objects": {**right["objects"], "circle": {**right["objects"]["circle"],
                                                                                "color": "red"}}}
     scores = [t2i_scores([prompt], [d]) for d in (right, sides, colour)]
-    assert [(s["bar"], s["all_asked"]) for s in scores] == [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
+    assert [(s["compositional"], s["all_asked"]) for s in scores] == [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
     assert scores[1]["places"] == 0.0 and scores[2]["colors"] == 0.0 and scores[2]["patterns"] == 1.0
 
 
@@ -202,7 +202,8 @@ def test_bench_regularizer_names_and_weights():
     assert regularizer_config("dd") == {"accord": {"dd_weight": DD_WEIGHT}}
     assert regularizer_config("dd@20") == {"accord": {"dd_weight": 20.0}}
     assert regularizer_config("sude@0.8") == {"regularizers": {"sude_weight": 0.8}}
-    assert regularizer_config("dd-sg@600") == {"accord": {"dd_weight": 600.0, "dd_personal_grad": False}}
+    assert regularizer_config("dd-sg@600") == {"accord": {"dd_weight": 600.0, "dd_variant": "frozen_personal"}}
+    assert regularizer_config("dd-composition@0.2") == {"accord": {"dd_weight": 0.2, "dd_variant": "composition"}}
     for bad in ("ddd", "dd@", "dd@-1", "dd@x", "prior@2"):
         with pytest.raises(AccordError, match="NAME@WEIGHT"):
             regularizer_config(bad)

@@ -268,6 +268,7 @@ def test_grid_start_is_exactly_zero():
         delta = dependence_shift(*preds, sample=torch.from_numpy(x_t), timesteps=zeros, scheduler=scheduler)
         assert torch.equal(delta, torch.zeros_like(delta))
         loss, _ = dd_loss(*preds, sample=torch.from_numpy(x_t), timesteps=zeros, scheduler=scheduler)
+        loss = loss.mean()  # per sample -> the batch mean
         assert loss.item() == 0.0 and torch.isfinite(loss)
 
 
@@ -352,6 +353,7 @@ def test_flow_smallest_sigma_is_exactly_zero(shift):
     delta = dependence_shift(*preds, sample=torch.from_numpy(x_t), timesteps=t, scheduler=scheduler)
     assert torch.equal(delta, torch.zeros_like(delta))
     loss, parts = dd_loss(*preds, sample=torch.from_numpy(x_t), timesteps=t, scheduler=scheduler)
+    loss = loss.mean()  # per sample -> the batch mean
     assert loss.item() == 0.0
     assert torch.allclose(parts["weight"], torch.full((8,), sigma, dtype=parts["weight"].dtype))
 

@@ -110,6 +110,7 @@ def test_flow_pinned_value(shift, timestep, expected):
     assert delta.item() == pytest.approx(expected, rel=1e-6)
     # dd_loss weights flow by σ_t: timestep/num_train_timesteps
     loss, parts = dd_loss(*pinned(), sample=torch.zeros(1, 2), timesteps=timestep, scheduler=scheduler, scale="sum")
+    loss = loss.mean()  # per sample -> the batch mean
     assert parts["weight"].item() == pytest.approx(timestep / 4)
     assert loss.item() == pytest.approx(timestep / 4 * expected, rel=1e-6)
 
@@ -141,6 +142,7 @@ def test_dd_loss_weight_and_scales():
     t = torch.tensor([1, 1, 0])
     c = 0.09 / 0.038
     loss_sum, parts = dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler, scale="sum")
+    loss_sum = loss_sum.mean()  # per sample -> the batch mean
     # rtol 1e-6: diffusers' alphas_cumprod is float32, so c carries float32 rounding
     close = {"rtol": 1e-6, "atol": 0}
     torch.testing.assert_close(parts["dependence_shift"], torch.tensor([c, -c, 0.0], dtype=torch.float64), **close)
@@ -148,10 +150,12 @@ def test_dd_loss_weight_and_scales():
     torch.testing.assert_close(parts["dd"], torch.tensor([0.1 * c, 0.1 * c, 0.0], dtype=torch.float64), **close)
     assert loss_sum.item() == pytest.approx(2 * 0.1 * c / 3)  # batch mean of (t/T)|Δ|
     loss_mean, parts_mean = dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler, scale="mean")
+    loss_mean = loss_mean.mean()  # per sample -> the batch mean
     assert loss_mean.item() == pytest.approx(loss_sum.item() / 6)  # Δ divided by elements per sample
     torch.testing.assert_close(parts_mean["dependence_shift"], parts["dependence_shift"])  # Δ stays in nats
     # reference (the default): per element and divided by m_t = a_s·σ²_{t|s}/b_t² = √0.9·0.1/0.19 at t = 1
     loss_ref, parts_ref = dd_loss(j, p, g, n, sample=j, timesteps=t, scheduler=scheduler)
+    loss_ref = loss_ref.mean()  # per sample -> the batch mean
     assert loss_ref.item() == pytest.approx(loss_sum.item() / 6 / (math.sqrt(0.9) * 0.1 / 0.19), rel=1e-6)
     assert parts_ref["dd"][2].item() == 0.0  # t = 0 (m_t = 0) stays 0, not inf or nan
     with pytest.raises(ValueError, match="reference, mean, sum"):
@@ -180,6 +184,7 @@ REFERENCE_PINNED = [
 def test_reference_scale_pinned_ddpm(kind, t, delta, m):
     scheduler = constant_beta(kind)
     loss, parts = dd_loss(*pinned(), sample=torch.zeros(1, 2, dtype=torch.float64), timesteps=t, scheduler=scheduler)
+    loss = loss.mean()  # per sample -> the batch mean
     assert parts["dependence_shift"].item() == pytest.approx(delta, rel=1e-6)
     assert loss.item() == pytest.approx((t / 10) * delta / 2 / m, rel=1e-6)  # (t/T)·Δ per element / m_t
 
@@ -188,6 +193,7 @@ def test_reference_scale_pinned_ddpm(kind, t, delta, m):
 def test_reference_scale_pinned_flow(shift, timestep, delta, m):
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=4, shift=shift)
     loss, _ = dd_loss(*pinned(), sample=torch.zeros(1, 2), timesteps=timestep, scheduler=scheduler)
+    loss = loss.mean()  # per sample -> the batch mean
     assert loss.item() == pytest.approx((timestep / 4) * delta / 2 / m, rel=1e-6)
 
 
@@ -203,7 +209,9 @@ def test_reference_scale_is_sudes_on_the_sd_schedule():
     coef1 = scheduler.betas.double()[t] * acp[t - 1].sqrt() / (1 - acp[t])
     assert (1 / coef1[0]).item() == pytest.approx(45.07, abs=0.01) and (1 / coef1[2]).item() == pytest.approx(1207.7, abs=0.1)
     _, mean_parts = dd_loss(*preds, sample=preds[0], timesteps=t, scheduler=scheduler, scale="mean")
+    _ = _.mean()  # per sample -> the batch mean
     loss, parts = dd_loss(*preds, sample=preds[0], timesteps=t, scheduler=scheduler)
+    loss = loss.mean()  # per sample -> the batch mean
     # 1e-4: diffusers keeps betas and alphas_cumprod in float32, and m_t is read from the latter (2e-5 apart at t=50)
     torch.testing.assert_close(parts["dd"], mean_parts["dd"] / coef1, rtol=1e-4, atol=0)
     assert loss.item() == pytest.approx(parts["dd"].mean().item(), rel=1e-12)
@@ -233,6 +241,7 @@ def test_gradient_reaches_joint_and_personal_only(scale):
         scheduler=scheduler,
         scale=scale,
     )
+    loss = loss.mean()  # per sample -> the batch mean
     loss.backward()
     assert general.grad is None and null.grad is None  # the paper's stop-gradient
     assert joint.grad is not None and joint.grad.abs().sum() > 0
@@ -279,6 +288,7 @@ def test_low_precision_inputs_and_grid_ends(scheduler, timesteps, low):
     assert ((delta - reference).abs() <= 0.05 * scale).all()
     for scale in ("reference", "mean", "sum"):
         loss, _ = dd_loss(*low_preds, sample=low_preds[0], timesteps=t, scheduler=scheduler, scale=scale)
+        loss = loss.mean()  # per sample -> the batch mean
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -382,10 +392,12 @@ def test_pd_loss_pinned_value_and_mask():
     f_g = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
     # cos_pg = (1, 1/√2), cos_sg = (0, 1/√2): |1 − 0| and |1/√2 − 1/√2| average to 0.5
     loss, parts = pd_loss(f_p, f_s, f_g)
+    loss = loss.mean()  # per sample -> the batch mean
     assert loss.item() == pytest.approx(0.5)
     assert parts["cos_pg"].item() == pytest.approx((1 + 1 / math.sqrt(2)) / 2)
     assert parts["cos_sg"].item() == pytest.approx(1 / (2 * math.sqrt(2)))
     loss, _ = pd_loss(f_p, f_s, f_g, mask=torch.tensor([[True, False]]))
+    loss = loss.mean()  # per sample -> the batch mean
     assert loss.item() == pytest.approx(1.0)
 
 
@@ -393,6 +405,7 @@ def test_pd_loss_zero_when_personal_equals_superclass():
     torch.manual_seed(3)
     f_s = torch.randn(4, 8)
     loss, parts = pd_loss(f_s.clone(), f_s, torch.randn(4, 5, 8), mask=torch.rand(4, 5) > 0.3)
+    loss = loss.mean()  # per sample -> the batch mean
     assert loss.item() == pytest.approx(0.0, abs=1e-7)
     assert parts["pd"].abs().max() < 1e-7
 
@@ -402,10 +415,12 @@ def test_pd_loss_masked_concepts_are_ignored_and_empty_samples_count_zero():
     f_p, f_s, f_g = torch.randn(3, 8), torch.randn(8), torch.randn(3, 4, 8)
     mask = torch.tensor([[True, True, False, False], [True, False, True, False], [False, False, False, False]])
     loss, parts = pd_loss(f_p, f_s, f_g, mask=mask)
+    loss = loss.mean()  # per sample -> the batch mean
     changed = f_g.clone()
     changed[~mask] = torch.randn(int((~mask).sum()), 8) * 100
     changed[0, 3] = 0.0  # a zero padding vector, too
     loss2, parts2 = pd_loss(f_p, f_s, changed, mask=mask)
+    loss2 = loss2.mean()  # per sample -> the batch mean
     assert loss2.item() == loss.item()
     for key in parts:
         torch.testing.assert_close(parts2[key], parts[key], rtol=0, atol=0)
@@ -413,13 +428,14 @@ def test_pd_loss_masked_concepts_are_ignored_and_empty_samples_count_zero():
     assert loss.item() == pytest.approx(parts["pd"].sum().item() / 3)  # and still counts in the batch mean
     # unmasked concepts do matter
     changed[0, 0] = torch.randn(8)
-    assert pd_loss(f_p, f_s, changed, mask=mask)[0].item() != loss.item()
+    assert pd_loss(f_p, f_s, changed, mask=mask)[0].mean().item() != loss.item()
 
 
 def test_pd_loss_gradient_reaches_personal_only():
     torch.manual_seed(5)
     f_p, f_s, f_g = (torch.randn(*shape, requires_grad=True) for shape in [(2, 8), (2, 8), (2, 3, 8)])
     loss, _ = pd_loss(f_p, f_s, f_g)
+    loss = loss.mean()  # per sample -> the batch mean
     loss.backward()
     assert f_p.grad is not None and f_p.grad.abs().sum() > 0
     assert f_s.grad is None and f_g.grad is None
@@ -429,8 +445,9 @@ def test_pd_loss_low_precision_and_shape_errors():
     torch.manual_seed(6)
     f_p, f_s, f_g = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 3, 8)
     loss_bf16, _ = pd_loss(f_p.bfloat16(), f_s.bfloat16(), f_g.bfloat16())
+    loss_bf16 = loss_bf16.mean()  # per sample -> the batch mean
     assert loss_bf16.dtype == torch.float32 and torch.isfinite(loss_bf16)
-    assert loss_bf16.item() == pytest.approx(pd_loss(f_p, f_s, f_g)[0].item(), abs=2e-2)
+    assert loss_bf16.item() == pytest.approx(pd_loss(f_p, f_s, f_g)[0].mean().item(), abs=2e-2)
     with pytest.raises(ValueError, match=r"\[B, G, E\]"):
         pd_loss(f_p, f_s, f_g[:, 0])
 
@@ -469,6 +486,7 @@ def test_text_features_shape_and_gradient_to_token_embedding(clip_tokenizer):
     assert feats.shape == (4, 16)
     # PDLoss on real token ids: personal prompt vs superclass, the two scenes as general concepts
     loss, _ = pd_loss(feats[:1], feats[1:2], feats[2:].unsqueeze(0))
+    loss = loss.mean()  # per sample -> the batch mean
     loss.backward()
     grad = encoder.text_model.embeddings.token_embedding.weight.grad
     sks = clip_tokenizer.convert_tokens_to_ids("sks</w>")
@@ -496,6 +514,7 @@ def test_image_features_shape_and_gradient():
     feats = image_features(encoder, torch.randn(3, 3, 32, 32))
     assert feats.shape == (3, 16)
     loss, _ = pd_loss(feats[:1], torch.randn(16), torch.randn(1, 2, 16))
+    loss = loss.mean()  # per sample -> the batch mean
     loss.backward()
     assert encoder.visual_projection.weight.grad.abs().sum() > 0
 

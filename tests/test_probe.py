@@ -65,7 +65,8 @@ def test_probe_equals_the_trainers_logged_terms(tiny_model_dir, refs, tmp_path):
     from accelerate import Accelerator
 
     from accord.probe import probe_batch
-    from accord.train import _Batches, _build_data, _step_generator, _TextCache, build_model, train
+    from accord.step import TextCache
+    from accord.train import _Batches, _build_data, _step_generator, build_model, train
 
     config = tiny_config(tiny_model_dir("sd"), refs, tmp_path / "run",
                          accord={"dd_weight": 0.2, "grad_share_every": 1}, train={"max_steps": 1, "log_every": 1})
@@ -78,7 +79,7 @@ def test_probe_equals_the_trainers_logged_terms(tiny_model_dir, refs, tmp_path):
     _, dataset, _ = _build_data(config, accelerator, backbone, method)
     batch = _Batches(dataset, config.train.batch_size, config.train.seed, 0, 1, 1).get(0, 0)
     torch.manual_seed(config.train.seed * 7919)  # the loop's global seed at step 0
-    probed = probe_batch(config, backbone, method, _TextCache(backbone, True), batch,
+    probed = probe_batch(config, backbone, method, TextCache(backbone, True), batch,
                          _step_generator(config.train.seed, 0, 0, 0), accelerator)
     for name, value in logged[0].items():
         if name != "step":
@@ -89,7 +90,8 @@ def test_probe_equals_the_trainers_logged_terms(tiny_model_dir, refs, tmp_path):
 def _shares(model, refs, tmp_path, mode, **accord):
     from accelerate import Accelerator
 
-    from accord.train import _Batches, _build_data, _TextCache, build_model, compute_step
+    from accord.step import TextCache, run_step
+    from accord.train import _Batches, _build_data, build_model
 
     config = tiny_config(model, refs, tmp_path / mode, accord={"dd_weight": 0.3, "mode": mode, **accord},
                          regularizers={"sude_weight": 0.4})
@@ -98,8 +100,8 @@ def _shares(model, refs, tmp_path, mode, **accord):
     backbone, method = build_model(config, accelerator)
     _, dataset, _ = _build_data(config, accelerator, backbone, method)
     batch = _Batches(dataset, 2, 0, 0, 1, 1).get(0, 0)
-    losses = compute_step(config, backbone, method, _TextCache(backbone, True), batch, None,
-                          torch.Generator().manual_seed(3), accelerator, "backpack", measure_share=True)
+    losses = run_step(config, backbone, method, TextCache(backbone, True), batch, None,
+                      torch.Generator().manual_seed(3), "backpack", backward=None, measure_share=True)
     grads = [p.grad for p in method.parameters()]
     return {k: float(v) for k, v in losses.parts.items() if k.startswith("share_")}, grads
 
@@ -111,7 +113,7 @@ def test_gradient_shares_agree_between_fast_and_lean(tiny_model_dir, refs, tmp_p
     assert set(fast) == set(lean) == {"share_dd", "share_sude"}
     for name in fast:
         assert lean[name] == pytest.approx(fast[name], rel=1e-4), name
-    assert all(g is None for g in fast_grads)  # measuring leaves .grad alone (fast mode runs no backward itself)
+    assert all(g is None for g in fast_grads)  # measuring leaves .grad alone (and no backward was asked for)
     # the share scales with the weight: the same step at 10x the DD weight has 10x the share
     ten, _ = _shares(model, refs, tmp_path / "x10", "fast", dd_weight=3.0)
     assert ten["share_dd"] == pytest.approx(10 * fast["share_dd"], rel=1e-4)

@@ -143,13 +143,14 @@ def test_negative_weights_are_rejected(tmp_path):
 
 
 def _step(config):
-    """One micro-batch of compute_step on a fresh seeded model: (losses, UNet gradients, UNet forward batch
-    sizes, text-encoder forwards). Lean mode runs its own backward passes."""
+    """One micro-batch of run_step on a fresh seeded model: (losses, UNet gradients, UNet forward batch
+    sizes, text-encoder forwards). Each schedule runs its own backward passes."""
     from accelerate import Accelerator
 
     from accord.backbones import load_backbone
     from accord.methods import get_method
-    from accord.train import _Batches, _build_data, _TextCache, compute_step
+    from accord.step import TextCache, run_step
+    from accord.train import _Batches, _build_data
 
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True)
@@ -161,10 +162,8 @@ def _step(config):
     unet, text = [], []
     backbone.denoiser.register_forward_hook(lambda m, i, o: unet.append(i[0].shape[0]))
     backbone.text_encoders[0].register_forward_hook(lambda m, i, o: text.append(1))
-    losses = compute_step(config, backbone, method, _TextCache(backbone, not method.trains_text), batch, None,
-                          torch.Generator().manual_seed(3), accelerator, "backpack")
-    if not losses.parts.get("lean_backward_done"):
-        losses.total.backward()
+    losses = run_step(config, backbone, method, TextCache(backbone, not method.trains_text), batch, None,
+                      torch.Generator().manual_seed(3), "backpack", backward=lambda loss, last: loss.backward() or True)
     grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
     return losses, grads, unet, len(text)
 

@@ -117,7 +117,8 @@ def _grads(config, model_dir, refs_dir):
 
     from accord.backbones import load_backbone
     from accord.methods import get_method
-    from accord.train import _Batches, _build_data, _TextCache, compute_step
+    from accord.step import TextCache, run_step
+    from accord.train import _Batches, _build_data
 
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True)
@@ -128,10 +129,8 @@ def _grads(config, model_dir, refs_dir):
     batch = _Batches(dataset, 2, 0, 0, 1, 1).get(0, 0)
     calls = []
     backbone.denoiser.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    losses = compute_step(config, backbone, method, _TextCache(backbone, True), batch, None,
-                          torch.Generator().manual_seed(3), accelerator, "backpack")
-    if not losses.parts.get("lean_backward_done"):
-        losses.total.backward()
+    losses = run_step(config, backbone, method, TextCache(backbone, True), batch, None,
+                      torch.Generator().manual_seed(3), "backpack", backward=lambda loss, last: loss.backward() or True)
     grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
     return grads, losses, calls
 
@@ -149,15 +148,15 @@ def test_lean_mode_gives_the_fast_mode_gradient(model, refs, tmp_path):
 
 @pytest.mark.parametrize("mode", ["fast", "lean"])
 def test_dd_without_personal_gradient_stops_only_that_path(mode, model, refs, tmp_path):
-    """accord.dd_personal_grad=False (an ablation): the same loss value; c_p, c_g and ∅ in one no-grad pass and the
+    """accord.dd_variant=frozen_personal (an ablation): the same loss value; c_p, c_g and ∅ in one no-grad pass and the
     joint pass with gradient; a gradient that differs from Eq. 8's (no c_p path) and from no DDLoss (the joint path)."""
     def grads(name, **accord):
         return _grads(tiny_config(model, refs, tmp_path / name, accord=accord), model, refs)
 
-    sg, ls, calls = grads("sg", dd_weight=0.3, mode=mode, dd_personal_grad=False)
+    sg, ls, calls = grads("sg", dd_weight=0.3, mode=mode, dd_variant="frozen_personal")
     full, lf, _ = grads("full", dd_weight=0.3)
     plain, _, _ = grads("plain", dd_weight=0.0)
-    assert calls == [6, 2] and "lean_backward_done" not in ls.parts
+    assert calls == [6, 2]
     assert torch.allclose(ls.total, lf.total, rtol=1e-5)
 
     def differs(a, b):
@@ -292,27 +291,27 @@ def test_sdxl_buckets_feed_each_sample_its_size_conditioning(tiny_model_dir, tmp
     and crop instead of a fixed square."""
     from PIL import Image
 
-    import accord.train as train_module
+    import accord.step as step_module
     from accord.train import train
 
     refs = make_refs(tmp_path / "refs")
     wide = Image.open(refs / "00.jpg")
     wide.crop((0, wide.height // 4, wide.width, wide.height * 3 // 4)).save(refs / "00.jpg")  # 2:1
     seen = []
-    original = train_module._with_micro
+    original = step_module._with_size
 
-    def spy(cond, micro):
-        if micro is not None:
-            seen.append(micro.clone())
-        return original(cond, micro)
+    def spy(cond, size_cond):
+        if size_cond is not None:
+            seen.append(size_cond.clone())
+        return original(cond, size_cond)
 
-    train_module._with_micro = spy
+    step_module._with_size = spy
     try:
         config = tiny_config(tiny_model_dir("sdxl"), refs, tmp_path / "xl", data={"buckets": True, "resolution": 64},
                              train={"max_steps": 3, "batch_size": 2})
         train(config, progress=False)
     finally:
-        train_module._with_micro = original
+        step_module._with_size = original
     rows = torch.cat(seen)
     assert rows.shape[1] == 6
     targets = {tuple(r[4:].tolist()) for r in rows}

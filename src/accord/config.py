@@ -145,6 +145,12 @@ class AccordConfig:
         "'mean' is Delta per element only (~500x weaker on SD's schedule: the paper's weights do nothing there); "
         "'sum' keeps nats", ("reference", "mean", "sum")
     )
+    dd_variant: str = _f(
+        "paper", "form of DDLoss (docs/regularizers.md): 'paper' is Eq. 8 as written, (t/T)|Delta|; 'anchored' "
+        "matches Delta to the superclass's under the base model; 'alignment' matches <p,g> to the superclass's; "
+        "'composition' is the joint step's distance from the sum of the single-concept steps; 'frozen_personal' "
+        "is Eq. 8 with U(c_p) stop-gradient", ("paper", "anchored", "alignment", "composition", "frozen_personal")
+    )
     dd_batch: int | None = _f(
         None, "samples of each batch that get the DD term (its personal/general/empty passes); default all"
     )
@@ -161,10 +167,6 @@ class AccordConfig:
         50, "every N steps, measure each regularizer's gradient norm relative to the diffusion loss's on the trained "
         "parameters (logged as share_dd, share_pd, ...; one extra forward and a backward per regularizer on those "
         "steps); 0 disables"
-    )
-    dd_personal_grad: bool = _f(
-        True, "DDLoss gradient through U(c_p) as Eq. 8 has it (only U(c_g), U(empty) are stop-gradient); False also "
-        "stops U(c_p), an ablation where only the joint prediction learns from DDLoss (one no-grad pass for c_p, c_g, empty)"
     )
 
 
@@ -383,6 +385,8 @@ def _coerce(path: str, value: Any, f: dataclasses.Field, hint) -> Any:
 _RENAMED = {
     ("accord", "dd_reduction"): "accord.dd_reduction was replaced by accord.dd_scale (reference | mean | sum; default "
     "reference, the scale of the paper's weights); dd_reduction=mean is dd_scale=mean, ~500x weaker",
+    ("accord", "dd_personal_grad"): "accord.dd_personal_grad was replaced by accord.dd_variant: dd_personal_grad=false "
+    "is dd_variant=frozen_personal, true is dd_variant=paper",
 }
 
 

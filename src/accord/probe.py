@@ -2,7 +2,7 @@
 
 For each reference caption and a grid of timesteps, one noisy ``x_t`` of the reference goes through the base model
 (with the method's trainable parts at their initial values) under the joint caption, ``c_p``, ``c_g`` and the empty
-prompt, exactly as the trainer's step builds them (:func:`accord.train.compute_step`). Reported, in nats per
+prompt, exactly as the trainer's step builds them (:func:`accord.step.run_step`). Reported, in nats per
 element (:func:`accord.losses.dependence_terms`):
 
 - Eq. 7's three terms ``‖U_j−U_p‖²``, ``‖U_j−U_g‖²``, ``‖U_j−U_∅‖²`` (each over 2σ_t²) and Δ;
@@ -69,7 +69,8 @@ def probe(config, num_timesteps: int = 9, max_captions: int | None = None, gener
     from accelerate.state import AcceleratorState
 
     from .data.references import collate_references
-    from .train import _build_data, _LatentCache, _TextCache, build_model
+    from .step import LatentCache, TextCache
+    from .train import _build_data, build_model
 
     # The trainer's step as it is configured, with its fast schedule (the same terms, no backward inside) and no
     # class images (the probe reads the references only).
@@ -83,8 +84,8 @@ def probe(config, num_timesteps: int = 9, max_captions: int | None = None, gener
     if hasattr(dataset, "stream_samples"):
         raise AccordError("accord probe reads a folder of references (data.instance_dir); method.ip_dataset streams "
                           "a dataset: unset it to probe a folder")
-    text = _TextCache(backbone, enabled=not method.trains_text)
-    latents = _LatentCache(backbone, enabled=False)
+    text = TextCache(backbone, enabled=not method.trains_text)
+    latents = LatentCache(backbone, enabled=False)
     fractions = (torch.arange(num_timesteps, dtype=torch.float64) + 0.5) / num_timesteps
     grid = backbone.timesteps_at(fractions)
     num = backbone.noise_scheduler.config.num_train_timesteps
@@ -112,12 +113,11 @@ def probe_batch(config, backbone, method, text, batch, generator, accelerator, l
                 timesteps: torch.Tensor | None = None) -> dict[str, float]:
     """One trainer step's Eq. 7 terms and gradient shares on ``batch`` (no backward into ``.grad``): the numbers
     the trainer logs for the same ``x_t`` and ``t``."""
-    from .train import compute_step
+    from .step import run_step
 
     with accelerator.autocast():
-        losses = compute_step(config, backbone, method, text, batch, None, generator, accelerator,
-                              config.data.class_noun, latent_cache, measure_share=True, timesteps=timesteps,
-                              force_terms=True)
+        losses = run_step(config, backbone, method, text, batch, None, generator, config.data.class_noun, None,
+                          latent_cache, measure_share=True, timesteps=timesteps, force_terms=True)
     return {k: float(v) for k, v in losses.parts.items() if k.startswith(("eq7_", "share_", "diffusion"))}
 
 

@@ -7,30 +7,28 @@ exactly (bitwise on the CPU).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .backbones import Conditioning, load_backbone
+from .backbones import load_backbone
 from .checkpoint import CONFIG_FILE, list_checkpoints, resume_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
 from .errors import AccordError, ConfigError
-from .losses import classdiffusion_loss, dd_loss, pd_loss, sude_loss
 from .methods import get_method
 from .monitor import TermsMonitor
 from .output import writable_folder
+from .step import LatentCache, TextCache, run_step
 
 logger = logging.getLogger("accord.train")
 
-__all__ = ["train", "build_model", "compute_step", "StepLosses"]
+__all__ = ["train", "build_model", "Trainer"]
 
 
 # ---------------------------------------------------------------------------- data
@@ -125,338 +123,6 @@ def _build_data(config: Config, accelerator, backbone, method=None):
     return items, dataset, class_set
 
 
-# ---------------------------------------------------------------------------- one step
-
-
-@dataclass
-class StepLosses:
-    total: torch.Tensor
-    parts: dict  # name -> float tensor (detached), for logging
-
-
-class _TextCache:
-    """Encodings of frozen text encoders, computed once per prompt (text-embedding caching)."""
-
-    def __init__(self, backbone, enabled: bool):
-        self.backbone, self.enabled, self.store = backbone, enabled, {}
-
-    def __call__(self, prompts: list[str], grad: bool) -> Conditioning:
-        if grad or not self.enabled:
-            with torch.set_grad_enabled(grad):
-                return self.backbone.encode_prompts(prompts)
-        missing = sorted({p for p in prompts if p not in self.store})
-        if missing:
-            with torch.no_grad():
-                encoded = self.backbone.encode_prompts(missing)
-            for i, p in enumerate(missing):
-                self.store[p] = encoded[i : i + 1].detach()
-        return Conditioning.cat([self.store[p] for p in prompts])
-
-
-class _LatentCache:
-    """VAE posteriors (mean, std) of fixed-crop images, encoded once; a fresh sample is drawn each step."""
-
-    def __init__(self, backbone, enabled: bool):
-        self.backbone, self.enabled, self.store = backbone, enabled, {}
-
-    def __call__(self, pixels: torch.Tensor, keys: list, generator) -> torch.Tensor:
-        with torch.no_grad():
-            if not self.enabled:
-                return self.backbone.encode_images(pixels.to(self.backbone.device), generator=generator)
-            missing = [i for i, k in enumerate(keys) if k not in self.store]
-            if missing:
-                mean, std = self.backbone.latent_distribution(pixels[missing].to(self.backbone.device))
-                for j, i in enumerate(missing):
-                    self.store[keys[i]] = (mean[j : j + 1], std[j : j + 1])
-            mean = torch.cat([self.store[k][0] for k in keys])
-            std = torch.cat([self.store[k][1] for k in keys])
-            return self.backbone.latents_from(mean, std, generator=generator)
-
-
-def _diffusion_loss(config: Config, backbone, pred, target, timesteps, mask=None) -> torch.Tensor:
-    """Per-sample MSE, min-SNR weighted if asked (Hang et al. 2023, via the parameterization adapter). ``mask`` ``[B, 1, h, w]`` at
-    latent size zeroes the error outside it; the mean stays over all elements (as Break-A-Scene's code)."""
-    err = F.mse_loss(pred.float(), target.float(), reduction="none")
-    if mask is not None:
-        err = err * mask.to(err.device, err.dtype)
-    per = err.flatten(1).mean(1)
-    gamma = config.train.snr_gamma
-    if gamma:
-        per = per * backbone.parameterization.min_snr_weight(timesteps, gamma).to(per.device, per.dtype)
-    return per
-
-
-def compute_step(config: Config, backbone, method, text, batch: dict, class_batch: dict | None, generator,
-                 accelerator, superclass: str, latent_cache=None, *, measure_share: bool = False,
-                 timesteps: torch.Tensor | None = None, force_terms: bool = False) -> StepLosses:
-    """Losses of one micro-batch; in ``lean`` mode this also runs the backward passes it needs.
-
-    ``measure_share``: also log each regularizer's gradient norm relative to the diffusion loss's on the trained
-    parameters (``share_dd``, ``share_pd``, ``share_sude``, ``share_classdiffusion``), through extra backward passes
-    that leave ``.grad`` untouched. ``timesteps`` fixes the step's timesteps instead of drawing them, and
-    ``force_terms`` computes Eq. 7's terms even with DDLoss off (``accord probe``).
-    """
-    acc = config.accord
-    device = backbone.device
-    param = backbone.parameterization
-    latent_cache = latent_cache or _LatentCache(backbone, enabled=False)
-    batch = method.prepare_batch(batch, generator)
-    n_inst = len(batch["caption"])
-    captions, personal, general = list(batch["caption"]), list(batch["personal"]), list(batch["general"])
-    pixels = batch["pixel_values"]
-    if class_batch is not None:
-        pixels = torch.cat([pixels, class_batch["pixel_values"]])
-        captions += list(class_batch["caption"])
-    keys = [("instance", int(i)) for i in batch["index"]]
-    if class_batch is not None:
-        keys += [("class", int(i)) for i in class_batch["index"]]
-    latents = latent_cache(pixels, keys, generator).float()
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    if config.train.noise_offset:
-        noise = noise + config.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
-    if timesteps is None:
-        timesteps = backbone.sample_timesteps(latents.shape[0], generator, config.train)
-    timesteps = timesteps.to(device)
-    noisy = param.add_noise(latents, noise, timesteps)
-    target = param.training_target(latents, noise, timesteps)
-
-    # DD terms (row, c_p, c_g): instance samples whose caption has other concepts, at most accord.dd_batch of them.
-    dd_terms = method.dd_conditions(batch) if acc.dd_weight > 0 or force_terms else []
-    if acc.dd_batch is not None:
-        dd_terms = dd_terms[: acc.dd_batch]
-    dd_rows = [r for r, _, _ in dd_terms]
-    dd_personal, dd_general = [p for _, p, _ in dd_terms], [g for _, _, g in dd_terms]
-    rows = torch.tensor(dd_rows, dtype=torch.long, device=device)
-    k = len(dd_rows)
-    grad_text = method.trains_text
-    micro = _micro_conditions(batch, class_batch)
-    # Image-encoder methods: c_p is the reference image; joint and personal include it, general and empty omit it.
-    image = method.reference_condition(batch)
-    cond = method.attach(_with_micro(text(captions, grad_text), micro), image)
-    parts: dict = {}
-
-    mask = method.loss_mask(batch)
-    if mask is not None:  # pixel mask → latent size, all ones for class images
-        mask = F.interpolate(mask.float(), size=latents.shape[-2:], mode="nearest")
-        mask = torch.cat([mask, torch.ones(len(latents) - n_inst, *mask.shape[1:])]).to(device)
-
-    def diffusion(pred_joint):
-        """The diffusion loss with prior preservation and the method's own extra losses (no regularizer)."""
-        per = _diffusion_loss(config, backbone, pred_joint, target, timesteps, mask)
-        loss = per[:n_inst].mean()
-        parts["diffusion"] = loss.detach()
-        if class_batch is not None:
-            prior = per[n_inst:].mean()
-            parts["prior"] = prior.detach()
-            loss = loss + config.data.prior_loss_weight * prior
-        for name, value in method.extra_losses(batch).items():
-            parts[name] = value.detach()
-            loss = loss + value
-        return loss
-
-    def regularizers(pred_subject) -> dict:
-        """Weighted SuDe, ClassDiffusion (docs/regularizers.md) and PDLoss terms: added once per step."""
-        reg, out = config.regularizers, {}
-        if reg.sude_weight > 0:
-            value = _sude_term(config, backbone, text, pred_subject, noisy[:n_inst], timesteps[:n_inst],
-                               captions[:n_inst], superclass, None if micro is None else micro[:n_inst])
-            parts["sude"] = value.detach()
-            out["sude"] = reg.sude_weight * value
-        if reg.classdiffusion_weight > 0 and method.trains_text:
-            value = _classdiffusion_term(backbone, personal, superclass, config.data.trigger)
-            parts["classdiffusion"] = value.detach()
-            out["classdiffusion"] = reg.classdiffusion_weight * value
-        if pd_value is not None:
-            out["pd"] = acc.pd_weight * pd_value
-        return out
-
-    def dd(pred_joint_rows, pred_personal, pred_general, pred_null):
-        kw = {"sample": noisy[rows], "timesteps": timesteps[rows], "scheduler": backbone.noise_scheduler}
-        value, comps = dd_loss(pred_joint_rows, pred_personal, pred_general, pred_null, scale=acc.dd_scale, **kw)
-        parts["dd"] = value.detach()
-        parts["dependence_shift"] = comps["dependence_shift"].mean()
-        # Eq. 7 apart, nats per element (what `accord probe` reports)
-        parts.update({f"eq7_{name}": v.mean() for name, v in comps["terms"].items()})
-        return value
-
-    pd_value = None
-    if acc.pd_weight > 0 and method.learns_personal_embedding:
-        pd_value = _pd_term(backbone, personal, general, superclass, config.data.trigger, method.personal_features(image))
-        parts["pd"] = pd_value.detach()
-    params = method.parameters() if measure_share else []
-
-    if k == 0:
-        with method.capture():
-            pred_joint = backbone.predict(noisy, timesteps, cond)
-        main, regs = diffusion(pred_joint), regularizers(pred_joint[:n_inst])
-        parts.update(_shares(main, regs, params)[0])
-        return StepLosses(total=main + sum(regs.values()), parts=parts)
-    micro_rows = None if micro is None else micro[rows]
-    image_rows = None if image is None else image[rows]
-    cond_personal = method.attach(_with_micro(text(dd_personal, grad_text), micro_rows), image_rows)
-    with torch.no_grad():
-        cond_rest = Conditioning.cat([method.attach(_with_micro(text(dd_general, False), micro_rows), None),
-                                      method.attach(_with_micro(text([""] * k, False), micro_rows), None)])
-    if acc.mode == "fast" and acc.dd_personal_grad:
-        with method.capture():
-            pred = backbone.predict(torch.cat([noisy, noisy[rows]]), torch.cat([timesteps, timesteps[rows]]),
-                                    Conditioning.cat([cond, cond_personal]))
-        pred_joint, pred_personal = pred[: len(noisy)], pred[len(noisy):]
-        with torch.no_grad():
-            rest = backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(2), cond_rest)
-        pred_general, pred_null = rest[:k], rest[k:]
-        main, regs = diffusion(pred_joint), regularizers(pred_joint[:n_inst])
-        regs["dd"] = acc.dd_weight * dd(pred_joint[rows], pred_personal, pred_general, pred_null)
-        parts.update(_shares(main, regs, params)[0])
-        return StepLosses(total=main + sum(regs.values()), parts=parts)
-    # lean: one forward with gradient alive at a time; the summed gradients equal fast mode's
-    # (with accord.dd_personal_grad=False the first part is the whole step: c_p's pass has no gradient)
-    with torch.no_grad():
-        if cond_personal.embeds.shape[1:] == cond_rest.embeds.shape[1:]:
-            rest = backbone.predict(noisy[rows].repeat(3, *[1] * (noisy.dim() - 1)), timesteps[rows].repeat(3),
-                                    Conditioning.cat([cond_personal.detach(), cond_rest]))
-        else:  # image tokens lengthen c_p's sequence (visual_encoder): two forwards
-            rest = torch.cat([backbone.predict(noisy[rows], timesteps[rows], cond_personal.detach()),
-                              backbone.predict(noisy[rows].repeat(2, *[1] * (noisy.dim() - 1)),
-                                               timesteps[rows].repeat(2), cond_rest)])
-    personal_d, pred_general, pred_null = rest[:k], rest[k: 2 * k], rest[2 * k:]
-    with method.capture():
-        pred_joint = backbone.predict(noisy, timesteps, cond)
-    main, regs = diffusion(pred_joint), regularizers(pred_joint[:n_inst])
-    regs["dd"] = acc.dd_weight * dd(pred_joint[rows], personal_d, pred_general, pred_null)
-    loss = main + sum(regs.values())
-    if not acc.dd_personal_grad:
-        parts.update(_shares(main, regs, params)[0])
-        return StepLosses(total=loss, parts=parts)
-    # The second backward adds DDLoss's gradient through U(c_p); its share needs the first part's DD gradient.
-    dd_first = _grads(regs["dd"], params) if params else None
-    shares, main_norm = _shares(main, {n: v for n, v in regs.items() if n != "dd"}, params)
-    parts.update(shares)
-    joint_d = pred_joint[rows].detach()
-    total = loss.detach()
-    if torch.isfinite(loss):
-        with accelerator.no_sync(backbone.denoiser):
-            accelerator.backward(loss)
-    del pred_joint, main, regs, loss
-    image = method.reference_condition(batch)  # afresh: the first backward freed its graph
-    pred_personal = backbone.predict(noisy[rows], timesteps[rows], method.attach(
-        _with_micro(text(dd_personal, grad_text), micro_rows), None if image is None else image[rows]))
-    second = acc.dd_weight * dd_loss(joint_d, pred_personal, pred_general, pred_null, sample=noisy[rows],
-                                     timesteps=timesteps[rows], scheduler=backbone.noise_scheduler,
-                                     scale=acc.dd_scale)[0]
-    if dd_first is not None:
-        parts["share_dd"] = _norm(dd_first, _grads(second, params)) / main_norm
-    if torch.isfinite(total):
-        accelerator.backward(second)
-    return StepLosses(total=total, parts={**parts, "lean_backward_done": True})
-
-
-def _grads(loss, params: list) -> list:
-    """``∂loss/∂params`` without touching ``.grad`` (``None`` where a parameter is not reached)."""
-    if not torch.is_tensor(loss) or not loss.requires_grad:
-        return [None] * len(params)
-    return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
-
-
-def _norm(*grad_lists) -> torch.Tensor:
-    """The norm of the sum of gradient lists (float32)."""
-    total = torch.zeros((), dtype=torch.float32)
-    for together in zip(*grad_lists):
-        present = [g.float() for g in together if g is not None]
-        if present:
-            total = total + sum(present[1:], present[0]).pow(2).sum().cpu()
-    return total.sqrt()
-
-
-def _shares(main, regs: dict, params: list) -> tuple[dict, torch.Tensor | None]:
-    """``share_<name>``: ‖∇(w·L_name)‖ / ‖∇L_diffusion‖ on ``params``, and ‖∇L_diffusion‖ (``{}, None`` when no
-    parameters are given: nothing measured)."""
-    if not params:
-        return {}, None
-    main_norm = _norm(_grads(main, params)).clamp_min(1e-30)
-    return {f"share_{name}": _norm(_grads(value, params)) / main_norm for name, value in regs.items()}, main_norm
-
-
-def _superclass_prompts(prompts: list[str], superclass: str, trigger: str) -> list[str]:
-    """Each prompt with the class noun in place of the trigger (c_s for PDLoss, SuDe, ClassDiffusion)."""
-    from .data.captions import trigger_pattern
-
-    # "1 sks backpack" → "1 backpack" (the noun already follows the trigger); "sks on a table" → "backpack on a table".
-    pattern = re.compile(rf"{trigger_pattern(trigger).pattern}(\s+{re.escape(superclass)}(?!\w))?", re.IGNORECASE)
-    return [" ".join(pattern.sub(superclass, p).split()) for p in prompts]
-
-
-def _micro_conditions(batch: dict, class_batch: dict | None) -> torch.Tensor | None:
-    """SDXL's size/crop conditioning per sample: original (h, w), crop top-left, target (h, w)."""
-    if "original_size" not in batch:
-        return None
-    parts = [batch] + ([class_batch] if class_batch is not None else [])
-    original = torch.cat([b["original_size"] for b in parts])
-    crop = torch.cat([b["crop_top_left"] for b in parts])
-    h, w = batch["pixel_values"].shape[-2:]
-    target = torch.tensor([[h, w]]).repeat(original.shape[0], 1)
-    return torch.cat([original, crop, target], dim=1)
-
-
-def _with_micro(cond: Conditioning, micro: torch.Tensor | None) -> Conditioning:
-    if cond.time_ids is None or micro is None:
-        return cond
-    return dataclasses.replace(cond, time_ids=micro.to(cond.time_ids.device, cond.time_ids.dtype))
-
-
-def _pd_term(backbone, personal: list[str], general: list[str], superclass: str, trigger: str,
-             f_p: torch.Tensor | None = None) -> torch.Tensor:
-    """PDLoss: f_p from each c_p phrase (learned token inside) unless a method gives it (the projected
-    image tokens of image-encoder methods), f_s from the same phrase with the class noun in place of the
-    trigger (the class noun alone where c_p has no text), f_g from each other concept separately."""
-    from .data.captions import split_phrases
-
-    if f_p is None:
-        f_p = backbone.projected_text_features(personal)
-    supers = [s or superclass for s in _superclass_prompts(personal, superclass, trigger)]
-    phrases = [split_phrases(g) for g in general]
-    width = max(1, max(len(p) for p in phrases))
-    flat = [ph for p in phrases for ph in p]
-    with torch.no_grad():
-        f_s = backbone.projected_text_features(supers)
-        f_flat = backbone.projected_text_features(flat) if flat else None
-    f_g = torch.zeros(len(personal), width, f_p.shape[-1], device=f_p.device, dtype=f_p.dtype)
-    mask = torch.zeros(len(personal), width, dtype=torch.bool, device=f_p.device)
-    i = 0
-    for b, p in enumerate(phrases):
-        for j in range(len(p)):
-            f_g[b, j] = f_flat[i]
-            mask[b, j] = True
-            i += 1
-    return pd_loss(f_p, f_s, f_g, mask=mask)[0]
-
-
-def _sude_term(config: Config, backbone, text, pred_subject, noisy, timesteps, captions: list[str],
-               superclass: str, micro: torch.Tensor | None) -> torch.Tensor:
-    """SuDe: the category prompt (each caption with the class noun for the trigger) and the empty prompt
-    on the same noisy samples, as one forward without gradient, against the subject (joint) prediction."""
-    n = len(captions)
-    with torch.no_grad():
-        cond = Conditioning.cat([_with_micro(text(_superclass_prompts(captions, superclass, config.data.trigger), False),
-                                             micro), _with_micro(text([""] * n, False), micro)])
-        rest = backbone.predict(noisy.repeat(2, *[1] * (noisy.dim() - 1)), timesteps.repeat(2), cond)
-    per, _ = sude_loss(pred_subject, rest[:n], rest[n:], timesteps=timesteps, scheduler=backbone.noise_scheduler,
-                       truncation=_sude_truncation(config.regularizers), scale=config.accord.dd_scale)
-    return per.mean()
-
-
-def _sude_truncation(reg) -> str | float:
-    return "category" if reg.sude_truncation == "category" else reg.sude_tau
-
-
-def _classdiffusion_term(backbone, personal: list[str], superclass: str, trigger: str) -> torch.Tensor:
-    """ClassDiffusion SPL: EOS features of each c_p phrase (with gradient) and of its class-noun version."""
-    f_p = backbone.projected_text_features(personal)
-    with torch.no_grad():
-        f_c = backbone.projected_text_features(_superclass_prompts(personal, superclass, trigger))
-    return classdiffusion_loss(f_p, f_c)[0].mean()
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -507,25 +173,100 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
 
 
-def train(config: Config, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> Path:
-    """Run a training job; returns the output folder holding the final weights. ``resume_anyway`` resumes even
-    though the reference images changed since the checkpoint."""
+class Trainer:
+    """One optimizer step at a time, on models, optimizer and data built once (:func:`train` builds them from a
+    config; ``benchmarks/overhead.py`` times :meth:`step` on its own).
+
+    ``batches``/``class_batches`` give micro-batch ``(step, micro)`` through ``get``. :meth:`step` runs the
+    micro-batches through :func:`accord.step.run_step`, whose schedule runs the backward passes through
+    :meth:`backward`, then clips, steps the optimizer and the learning-rate schedule.
+    """
+
+    def __init__(self, config: Config, accelerator, backbone, method, optimizer, lr_scheduler, batches,
+                 class_batches=None):
+        self.config, self.accelerator, self.backbone, self.method = config, accelerator, backbone, method
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.batches, self.class_batches = batches, class_batches
+        self.params = method.parameters()
+        self.text = TextCache(backbone, enabled=not method.trains_text)
+        self.latent_cache = LatentCache(backbone, enabled=config.train.cache_latents)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self._sync_now = True
+
+    def backward(self, loss: torch.Tensor, last: bool) -> bool:
+        """Backward of ``loss / accumulation`` once every rank's loss is finite (all ranks skip together, so
+        replicas stay identical); DDP synchronises gradients on the optimizer step's final piece only."""
+        accelerator = self.accelerator
+        finite = accelerator.reduce(torch.isfinite(loss.detach()).float().to(accelerator.device), reduction="sum")
+        if finite.item() < self.world:
+            return False
+        sync = last and self._sync_now
+        with contextlib.nullcontext() if sync else accelerator.no_sync(self.backbone.denoiser):
+            accelerator.backward(loss / self.config.train.gradient_accumulation_steps)
+        return True
+
+    def step(self, step: int, measure_share: bool = False) -> dict | None:
+        """Optimizer step ``step`` (0-based): its logs, or ``None`` where a non-finite loss skipped it (gradients
+        dropped). ``measure_share``: also measure the gradient shares, on the first micro-batch."""
+        t, accelerator = self.config.train, self.accelerator
+        torch.manual_seed(t.seed * 7919 + step * 31 + self.rank)  # dropout and anything else on the global RNG
+        logs: dict = {}
+        for micro in range(t.gradient_accumulation_steps):
+            self._sync_now = micro == t.gradient_accumulation_steps - 1
+            batch = self.batches.get(step, micro)
+            class_batch = self.class_batches.get(step, micro) if self.class_batches else None
+            with accelerator.autocast():
+                losses = run_step(self.config, self.backbone, self.method, self.text, batch, class_batch,
+                                  _step_generator(t.seed, step, micro, self.rank), self.config.data.class_noun,
+                                  self.backward, self.latent_cache, measure_share=measure_share and micro == 0)
+            if not losses.finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            for name, value in {"loss": losses.total, **losses.parts}.items():
+                if name.startswith("share_"):  # measured on the first micro-batch only
+                    logs[name] = float(value)
+                else:
+                    logs[name] = logs.get(name, 0.0) + float(value.detach()) / t.gradient_accumulation_steps
+        self.method.before_optimizer_step(step, self.optimizer)
+        if t.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_optimizer_step()
+        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        return logs
+
+
+@dataclass
+class _Run:
+    """What :func:`train` sets up before its loop."""
+
+    accelerator: object
+    out: Path
+    trainer: Trainer
+    monitor: TermsMonitor
+    config_dict: dict
+    references: dict | None
+    start_step: int
+
+
+def _setup(config: Config, resume: str | None, resume_anyway: bool) -> _Run:
+    """The accelerator, output folder, models, data, optimizer and trackers; state restored from ``resume``."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     t = config.train
     out = Path(t.output_dir)
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state()  # a second train() in one process may use another precision (notebooks, tests)
     # Without an accelerator device, cpu=True lets torchrun / `accelerate launch --multi_gpu` start CPU DDP (gloo).
     no_device = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(
         cpu=no_device,
         mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=1,  # accumulation is explicit below (micro-batches are ours)
+        gradient_accumulation_steps=1,  # accumulation is explicit (micro-batches are ours)
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
@@ -537,10 +278,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
     if config.regularizers.classdiffusion_weight > 0 and not method.trains_text:
         logger.warning("regularizers.classdiffusion_weight is set but method %s trains no text side (set "
                        "method.train_text_encoder=true); ClassDiffusion's loss is skipped", method.name)
-
     items, dataset, class_set = _build_data(config, accelerator, backbone, method)
-    params = method.parameters()
-    if not params:
+    if not method.parameters():
         raise AccordError(f"method {method.name} has no trainable parameters; check method settings")
     optimizer = _make_optimizer(config, method.param_groups())
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
@@ -549,8 +288,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
     optimizer = prepared[-1]
     _rebind(backbone, method, prepared[:-1])
 
-    start_step, nonfinite = 0, 0
-    references = _fingerprint(config, items)
+    start_step, references, state = 0, _fingerprint(config, items), {}
     if resume is not None:
         ckpt, state = resume_checkpoint(out, resume, method=method, optimizer=_inner(optimizer),
                                         lr_scheduler=lr_scheduler, config_dict=config_dict, references=references,
@@ -560,104 +298,92 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
     if accelerator.is_main_process:
         write_config(out / CONFIG_FILE, config_dict)
         if t.report_to != "none":
-            accelerator.init_trackers("accord", config={f"{s}.{k}": str(v) for s, sec in config_dict.items() for k, v in sec.items()})
-
+            accelerator.init_trackers("accord", config={f"{s}.{k}": str(v) for s, sec in config_dict.items()
+                                                        for k, v in sec.items()})
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = _Batches(dataset, t.batch_size, t.seed, rank, world, t.gradient_accumulation_steps)
     class_batches = (_Batches(class_set, t.batch_size, t.seed + 1, rank, world, t.gradient_accumulation_steps)
                      if class_set is not None else None)
-    text = _TextCache(backbone, enabled=not method.trains_text)
-    latent_cache = _LatentCache(backbone, enabled=t.cache_latents)
-    share_every = config.accord.grad_share_every
+    trainer = Trainer(config, accelerator, backbone, method, optimizer, lr_scheduler, batches, class_batches)
     # Eq. 7's terms and the gradient shares: window means in train_summary.json, and the inert/falling warnings.
     monitor = TermsMonitor(config.accord.dd_weight, config.accord.dd_scale)
-    if resume is not None:
-        monitor.load_state_dict(state.get("monitor"))
-    window = min(t.log_every, max(1, t.max_steps // 8))
-    bar = tqdm(total=t.max_steps, initial=start_step, desc="accord train", disable=not (progress and accelerator.is_main_process))
-    last_log = time.time()
-    for step in range(start_step, t.max_steps):
-        torch.manual_seed(t.seed * 7919 + step * 31 + rank)  # dropout and anything else on the global RNG
-        logs, skipped = {}, False
-        measure = bool(share_every) and step % share_every == 0
-        for micro in range(t.gradient_accumulation_steps):
-            generator = _step_generator(t.seed, step, micro, rank)
-            batch = batches.get(step, micro)
-            class_batch = class_batches.get(step, micro) if class_batches else None
-            with accelerator.autocast():
-                losses = compute_step(config, backbone, method, text, batch, class_batch, generator, accelerator,
-                                      config.data.class_noun, latent_cache, measure_share=measure and micro == 0)
-            finite = torch.isfinite(losses.total).float()
-            finite = accelerator.reduce(finite.to(accelerator.device), reduction="sum")
-            if finite.item() < world:  # every rank skips together, so replicas stay identical
-                skipped = True
-                break
-            if not losses.parts.pop("lean_backward_done", False):
-                accelerator.backward(losses.total / t.gradient_accumulation_steps)
-            for name, value in {"loss": losses.total, **losses.parts}.items():
-                if name.startswith("share_"):  # measured on the first micro-batch only
-                    logs[name] = float(value)
-                else:
-                    logs[name] = logs.get(name, 0.0) + float(value.detach()) / t.gradient_accumulation_steps
-        if skipped:
-            optimizer.zero_grad(set_to_none=True)
+    monitor.load_state_dict(state.get("monitor"))
+    return _Run(accelerator, out, trainer, monitor, config_dict, references, start_step)
+
+
+def train(config: Config, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> Path:
+    """Run a training job; returns the output folder holding the final weights. ``resume_anyway`` resumes even
+    though the reference images changed since the checkpoint."""
+    from tqdm.auto import tqdm
+
+    t = config.train
+    run = _setup(config, resume, resume_anyway)
+    accelerator, out, trainer, monitor = run.accelerator, run.out, run.trainer, run.monitor
+    main = accelerator.is_main_process
+    window, share_every = min(t.log_every, max(1, t.max_steps // 8)), config.accord.grad_share_every
+    bar = tqdm(total=t.max_steps, initial=run.start_step, desc="accord train", disable=not (progress and main))
+    nonfinite, last_log = 0, time.time()
+    for step in range(run.start_step, t.max_steps):
+        logs = trainer.step(step, measure_share=bool(share_every) and step % share_every == 0)
+        bar.update(1)
+        if logs is None:
             nonfinite += 1
-            logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, nonfinite)
-            if nonfinite >= t.max_nonfinite_steps:
-                found = list_checkpoints(out)
-                where = f"last good checkpoint: {found[-1]}" if found else "no checkpoint was written yet"
-                raise AccordError(f"{nonfinite} non-finite losses in a row at step {step + 1} ({where}); lower "
-                                  "train.learning_rate, use bf16 instead of fp16, or raise train.max_nonfinite_steps")
-            bar.update(1)
+            _nonfinite_step(out, step, nonfinite, t.max_nonfinite_steps)
             continue
-        nonfinite = 0
-        method.before_optimizer_step(step, optimizer)
-        if t.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.after_optimizer_step()
-        done = step + 1
-        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        nonfinite, done = 0, step + 1
         accelerator.log(logs, step=done)
         monitor.add(step, logs)
         if done % window == 0 or done == t.max_steps:
             monitor.close_window(done)
-        bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "dd", "pd", "dependence_shift")})
-        if accelerator.is_main_process and (done % t.log_every == 0 or done == t.max_steps):
+        if main and (done % t.log_every == 0 or done == t.max_steps):
             # Eq. 7's terms go to the trackers and train_summary.json; the console keeps the personal one.
             shown = "  ".join(f"{k}={v:.5g}" for k, v in logs.items() if not k.startswith("eq7_") or k == "eq7_personal")
             bar.write(f"step {done}/{t.max_steps}  {shown}  ({time.time() - last_log:.1f}s)")
             last_log = time.time()
-        if t.validation_every and done % t.validation_every == 0 and accelerator.is_main_process:
+        if main and t.validation_every and done % t.validation_every == 0:
             from .validation import write_validation_grid
 
-            write_validation_grid(config, backbone, out / "samples" / f"step-{done:06d}.png", accelerator=accelerator)
+            write_validation_grid(config, trainer.backbone, out / "samples" / f"step-{done:06d}.png",
+                                  accelerator=accelerator)
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.max_steps:
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out, done, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
-                                config_dict=config_dict, extra={"nonfinite": nonfinite, "references": references,
-                                                                "monitor": monitor.state_dict()},
-                                keep=t.checkpoints_total_limit)
+            if main:
+                save_checkpoint(out, done, method=trainer.method, optimizer=_inner(trainer.optimizer),
+                                lr_scheduler=trainer.lr_scheduler, config_dict=run.config_dict,
+                                extra={"nonfinite": nonfinite, "references": run.references,
+                                       "monitor": monitor.state_dict()}, keep=t.checkpoints_total_limit)
     bar.close()
-    if accelerator.is_main_process:
-        monitor.finish()
-    accelerator.wait_for_everyone()
-    # Replicas must hold identical weights after DDP training; check it instead of assuming it.
+    return _finish(run, nonfinite)
+
+
+def _nonfinite_step(out: Path, step: int, in_a_row: int, limit: int) -> None:
+    logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, in_a_row)
+    if in_a_row >= limit:
+        found = list_checkpoints(out)
+        where = f"last good checkpoint: {found[-1]}" if found else "no checkpoint was written yet"
+        raise AccordError(f"{in_a_row} non-finite losses in a row at step {step + 1} ({where}); lower "
+                          "train.learning_rate, use bf16 instead of fp16, or raise train.max_nonfinite_steps")
+
+
+def _finish(run: _Run, nonfinite: int) -> Path:
+    """Check the replicas agree, write the outputs and train_summary.json, end the trackers."""
     from accelerate.utils import gather_object
 
+    accelerator, out, method, t = run.accelerator, run.out, run.trainer.method, run.trainer.config.train
+    if accelerator.is_main_process:
+        run.monitor.finish()
+    accelerator.wait_for_everyone()
+    # Replicas must hold identical weights after DDP training; check it instead of assuming it.
     checksums = gather_object([_checksum(method.trainable_state())])
     if len(set(checksums)) > 1:
         logger.warning("processes ended with different weights: %s", checksums)
     if accelerator.is_main_process:
         written = method.save(out)
-        summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": world,
+        summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": accelerator.num_processes,
                    "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
-                   "outputs": [p.name for p in written], "eq7": monitor.trajectory,
-                   "warnings": sorted(monitor.warned)}
+                   "outputs": [p.name for p in written], "eq7": run.monitor.trajectory,
+                   "warnings": sorted(run.monitor.warned)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("wrote %s", ", ".join(str(p) for p in written))
     # No process leaves before the main one has written: a rank exiting right after gather_object could let a Gloo

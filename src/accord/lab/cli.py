@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
     b = sub.add_parser("bench", help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
     b.add_argument("--output", default="accord-lab-bench", help="run folder (report.html, summary.md, runs/)")
     b.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion", "custom_diffusion", "break_a_scene"])
-    b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg@WEIGHT is DDLoss with U(c_p) stop-gradient too")
+    b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, dd-anchored, dd-alignment, dd-composition@WEIGHT are DDLoss's other forms (accord.dd_variant; docs/regularizers.md)")
     b.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
     b.add_argument("--steps", type=int, default=150, help="training steps per run")
     b.add_argument("--images", type=int, default=4, help="images per evaluation prompt")

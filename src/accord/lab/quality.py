@@ -1,8 +1,8 @@
-"""Quality bars of the lab's miniature models, measured on fresh, held-out draws (seeds the recipe never used).
+"""Quality of the lab's miniature models, measured on fresh, held-out draws (seeds the recipe never used).
 
 * detector: per-attribute accuracy on fresh renders (all patterns);
 * mini-CLIP: top-1 retrieval (image→caption and caption→image) among 100 fresh pairs;
-* T2I: compositional accuracy on held-out captions, as the detector judges: ``bar`` — the issue's bar — is the
+* T2I: compositional accuracy on held-out captions, as the detector judges: ``compositional`` is the
   share of images that contain every asked object with its asked colour and pattern, and the asked background;
   ``all_asked`` also requires every asked place (left/right), the stricter figure the bench's text accuracy uses.
 """
@@ -68,7 +68,7 @@ def t2i_accuracy(judge: Judge, weights=None, n: int = 100, seed: int = HELD_OUT_
 
 
 def t2i_scores(prompts: list[str], found: list[dict]) -> dict[str, float]:
-    """Shares of images (detections ``found``) that have what their prompt asks: ``bar`` = every asked object
+    """Shares of images (detections ``found``) that have what their prompt asks: ``compositional`` = every asked object
     with its asked colour and pattern, and the asked background; ``all_asked`` = that and every asked place."""
     ok = [score(p, d, names={}, coupled="-", subject="-", subject_pattern="-")["text"] for p, d in zip(prompts, found)]
     per = {"background": [], "shapes": [], "colors": [], "patterns": [], "places": []}
@@ -79,8 +79,8 @@ def t2i_scores(prompts: list[str], found: list[dict]) -> dict[str, float]:
         for key, attr in (("colors", "color"), ("patterns", "pattern"), ("places", "place")):
             per[key].append(all(d["objects"].get(s, {}).get(attr) == w[attr] for s, w in asked["objects"].items()
                                 if attr in w))
-    bar = [b and s and c and p for b, s, c, p in zip(per["background"], per["shapes"], per["colors"], per["patterns"])]
-    return {"bar": float(np.mean(bar)), "all_asked": float(np.mean(ok)),
+    whole = [b and s and c and p for b, s, c, p in zip(per["background"], per["shapes"], per["colors"], per["patterns"])]
+    return {"compositional": float(np.mean(whole)), "all_asked": float(np.mean(ok)),
             **{k: float(np.mean(v)) for k, v in per.items()}}
 
 

@@ -54,9 +54,12 @@ _PRIOR_METHODS = ("dreambooth", "custom_diffusion")  # the paper's baselines tha
 
 _WEIGHT_KEYS = {"dd": ("accord", "dd_weight"), "pd": ("accord", "pd_weight"),
                 "sude": ("regularizers", "sude_weight"), "classdiffusion": ("regularizers", "classdiffusion_weight")}
-# Investigation variants: (the regularizer they vary, extra overrides). ``dd-sg`` is DDLoss with U(c_p)
-# stop-gradient too (accord.dd_personal_grad=False).
-_VARIANTS = {"dd-sg": ("dd", {"accord": {"dd_personal_grad": False}})}
+# Investigation variants: (the regularizer they vary, extra overrides): DDLoss's forms (accord.dd_variant);
+# ``dd-sg`` is DDLoss with U(c_p) stop-gradient too (dd_variant=frozen_personal).
+_VARIANTS = {"dd-sg": ("dd", {"accord": {"dd_variant": "frozen_personal"}}),
+             "dd-anchored": ("dd", {"accord": {"dd_variant": "anchored"}}),
+             "dd-alignment": ("dd", {"accord": {"dd_variant": "alignment"}}),
+             "dd-composition": ("dd", {"accord": {"dd_variant": "composition"}})}
 
 
 def regularizer_config(name: str) -> dict:

@@ -121,7 +121,7 @@ def dependence_terms(joint, personal, general, null, *, sample, timesteps, sched
 
 
 def dd_loss(joint, personal, general, null, *, sample, timesteps, scheduler, scale: str = "reference"):
-    """Eq. 8: the batch mean of ``(t/T)·|Δ|``, on ``scale`` (:func:`scale_factor`).
+    """Eq. 8 per sample: ``(t/T)·|Δ|``, on ``scale`` (:func:`scale_factor`), shaped ``[B]`` (the caller reduces).
 
     The default ``scale="reference"`` is the convention of the paper's weights (DD 0.1–0.3): Facechain-SuDe's
     official code, which ACCORD follows — Δ per element (the mean over one sample's elements), divided by the
@@ -131,7 +131,7 @@ def dd_loss(joint, personal, general, null, *, sample, timesteps, scheduler, sca
     ``general`` and ``null`` are detached here (the paper's stop-gradient, following Facechain-SuDe),
     so gradient reaches the model only through ``joint`` and ``personal``.
 
-    Returns ``(loss, components)``; ``components`` holds detached per-sample tensors: ``dependence_shift`` (Δ in
+    Returns ``(per_sample, components)``; ``components`` holds detached per-sample tensors: ``dependence_shift`` (Δ in
     nats), ``weight`` (t/T), ``dd`` (the weighted per-sample term on ``scale``) and ``terms``
     (:func:`dependence_terms` in nats per element, from the same pass).
     """
@@ -146,4 +146,4 @@ def dd_loss(joint, personal, general, null, *, sample, timesteps, scheduler, sca
         terms = {name: v / numel for name, v in _eq7(c, joint, personal, general, null, split=True).items()}
     components = {"dependence_shift": delta.detach(), "weight": c.weight.detach(), "dd": per_sample.detach(),
                   "terms": terms}
-    return per_sample.mean(), components
+    return per_sample, components

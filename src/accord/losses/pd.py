@@ -25,9 +25,9 @@ __all__ = ["pd_loss", "text_features", "image_features"]
 
 
 def pd_loss(f_p: torch.Tensor, f_s: torch.Tensor, f_g: torch.Tensor, *, mask: torch.Tensor | None = None):
-    """Eq. 11, averaged over each sample's general concepts, then over the batch.
+    """Eq. 11 per sample, averaged over each sample's general concepts, shaped ``[B]`` (the caller reduces).
 
-    A sample with no valid general concept contributes 0. Returns ``(loss, components)`` with detached
+    A sample with no valid general concept contributes 0. Returns ``(per_sample, components)`` with detached
     per-sample ``pd`` and the mean cosines ``cos_pg`` and ``cos_sg``.
     """
     if f_g.dim() != 3:
@@ -51,7 +51,7 @@ def pd_loss(f_p: torch.Tensor, f_s: torch.Tensor, f_g: torch.Tensor, *, mask: to
         "cos_pg": ((cos_pg * weights).sum(dim=1) / denominator).detach(),
         "cos_sg": ((cos_sg * weights).sum(dim=1) / denominator).detach(),
     }
-    return per_sample.mean(), components
+    return per_sample, components
 
 
 def text_features(text_encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

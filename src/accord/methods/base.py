@@ -108,7 +108,7 @@ class Method:
     def after_optimizer_step(self) -> None:
         """Hook after each optimizer step (textual inversion restores the rows it does not learn)."""
 
-    # -- loss hooks (no-ops by default; the loop calls them in ``compute_step``) ------------------
+    # -- loss hooks (no-ops by default; the step calls them, :mod:`accord.step`) ------------------
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
         """Rewrite a collated batch before the step (Break-A-Scene picks subjects and writes the prompts)."""
         return batch
@@ -120,6 +120,23 @@ class Method:
     def dd_conditions(self, batch: dict) -> list[tuple[int, str, str]]:
         """DDLoss terms ``(row, c_p, c_g)``; a row may appear more than once (one term per subject)."""
         return [(i, p, g) for i, (p, g) in enumerate(zip(batch["personal"], batch["general"])) if g]
+
+    @contextlib.contextmanager
+    def base_model(self):
+        """Predictions of the base model inside (the superclass anchor of ``accord.dd_variant``): peft adapters
+        (LoRA, Break-A-Scene) are switched off; methods that change weights in place (DreamBooth, Custom
+        Diffusion, IP-Adapter's layers) predict with their current weights, used with stop-gradient — a frozen
+        copy would double the model's memory. Textual Inversion's weights are the base ones."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for module in self.unwrapped_modules() for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
 
     def capture(self):
         """Context around the forward pass that holds the joint prediction (rows ``[:n_instance]`` first)."""
