@@ -333,3 +333,30 @@ def test_lora_alpha_survives_the_stock_loader(model, refs, tmp_path):
     assert scales == {4.0}, scales  # alpha / rank
     kohya = load_file(str(out / "lora_kohya.safetensors"))
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {16.0}
+
+
+def test_lean_mode_with_accumulation_steps_as_fast_mode(model, refs, tmp_path):
+    """Both schedules divide each backward by the accumulation count: one Trainer.step under plain SGD (lr 1, no
+    clipping, so the update is the summed gradient itself) moves the weights the same in both modes."""
+    from accelerate import Accelerator
+
+    from accord.train import Trainer, _Batches, _build_data, build_model
+
+    def update(mode):
+        config = tiny_config(model, refs, tmp_path / mode, accord={"dd_weight": 0.3, "mode": mode},
+                             train={"batch_size": 1, "gradient_accumulation_steps": 2, "max_grad_norm": 0})
+        accelerator = Accelerator(cpu=True)
+        backbone, method = build_model(config, accelerator)
+        _, dataset, _ = _build_data(config, accelerator, backbone, method)
+        optimizer = torch.optim.SGD(method.parameters(), lr=1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        trainer = Trainer(config, accelerator, backbone, method, optimizer, schedule, _Batches(dataset, 1, 0, 0, 1, 2))
+        before = [p.detach().clone() for p in method.parameters()]
+        assert trainer.step(0) is not None
+        return [b - p.detach() for b, p in zip(before, method.parameters())]
+
+    fast, lean = update("fast"), update("lean")
+    largest = max(float(d.abs().max()) for d in fast)
+    assert largest > 0
+    for a, b in zip(fast, lean):  # a missing 1/accumulation would double lean's update
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * largest)
