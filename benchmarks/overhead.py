@@ -333,10 +333,10 @@ class Bench:
 
     # -- (a) the stock diffusers step -----------------------------------------------------------------
     def plain_step(self) -> float:
-        acc, bb = self.accelerator, self.backbone
+        accel, bb = self.accelerator, self.backbone
         unet, noise_scheduler = bb.denoiser, bb.noise_scheduler
-        pixel_values = self.batch["pixel_values"].to(acc.device)
-        with acc.autocast():
+        pixel_values = self.batch["pixel_values"].to(accel.device)
+        with accel.autocast():
             if bb.vae is not None:
                 model_input = bb.vae.encode(pixel_values.to(dtype=bb.vae.dtype)).latent_dist.sample()
                 model_input = model_input * bb.vae.config.scaling_factor
@@ -364,8 +364,8 @@ class Bench:
             else:
                 target = noise_scheduler.get_velocity(model_input, noise, timesteps)
             loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-        acc.backward(loss)
-        acc.clip_grad_norm_(self.params, 1.0)
+        accel.backward(loss)
+        accel.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -102,9 +102,10 @@ def probe(config, num_timesteps: int = 9, max_captions: int | None = None, gener
             points.append({"t": float(t), "t1000": round(1000 * float(fraction), 1), **parts})
         captions.append({"caption": sample["caption"], "personal": sample["personal"], "general": sample["general"],
                          "points": points, "bands": _bands(points)})
-    acc = config.accord
-    return {"model": config.model.pretrained, "method": config.method.name, "dd_weight": acc.dd_weight,
-            "dd_scale": acc.dd_scale, "pd_weight": acc.pd_weight, "sude_weight": config.regularizers.sude_weight,
+    losses = config.accord
+    return {"model": config.model.pretrained, "method": config.method.name, "dd_weight": losses.dd_weight,
+            "dd_scale": losses.dd_scale, "dd_variant": losses.dd_variant, "pd_weight": losses.pd_weight,
+            "sude_weight": config.regularizers.sude_weight,
             "num_train_timesteps": num, "timesteps": [float(t) for t in grid], "units": "nats per element",
             "captions": captions, "bands": _bands([p for c in captions for p in c["points"]])}
 

@@ -367,16 +367,16 @@ class PDTerm(Term):
 def build_terms(config: Config, method, force_dd: bool = False) -> list[Term]:
     """The step's regularizers with a weight above 0 (``force_dd``: DDLoss at its weight even at 0, for its
     logged terms — ``accord probe``), in the order they are summed."""
-    acc, reg = config.accord, config.regularizers
+    losses, reg = config.accord, config.regularizers  # the ACCORD losses' section and the comparators'
     terms: list[Term] = []
-    if acc.dd_weight > 0 or force_dd:
-        terms.append(DDTerm(acc.dd_weight, acc.dd_variant))
+    if losses.dd_weight > 0 or force_dd:
+        terms.append(DDTerm(losses.dd_weight, losses.dd_variant))
     if reg.sude_weight > 0:
         terms.append(SuDeTerm(reg.sude_weight))
     if reg.classdiffusion_weight > 0 and method.trains_text:
         terms.append(ClassDiffusionTerm(reg.classdiffusion_weight))
-    if acc.pd_weight > 0 and method.learns_personal_embedding:
-        terms.append(PDTerm(acc.pd_weight))
+    if losses.pd_weight > 0 and method.learns_personal_embedding:
+        terms.append(PDTerm(losses.pd_weight))
     return terms
 
 
