@@ -17,7 +17,8 @@ A reference folder holds images (``.jpg .jpeg .png .webp .bmp``, any case; names
 
   Files named as masks are not used as references. Masks can also come from a separate folder
   (``mask_dir``, kohya's layout): the mask of ``00.jpg`` is the image file of ``mask_dir`` with stem ``00``
-  (``00.png``, ``00.jpg``, …); a mask given both ways is an error. White (255) is inside the mask. Other keys are rejected so that a typo is not silently
+  (``00.png``, ``00.jpg``, …); a mask given both ways is an error. White (255) is inside the mask. Other
+  keys are rejected so that a typo is not silently
   ignored. A caption given both as a sidecar and in ``metadata.jsonl`` must agree.
 
 Images without a caption get ``default_caption(trigger, class_noun)`` and one warning lists them.
