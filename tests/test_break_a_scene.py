@@ -173,6 +173,21 @@ def test_tokens_and_lora_load_in_the_stock_pipeline(run):
     _same_images_as_accord(pipe, load_trained(out))
 
 
+def test_run_readme_names_the_token_files_and_loads_every_token(run):
+    """The run README lists the per-token files, says the multi-token file needs the token list, and its lines,
+    executed as written, load every token and the LoRA as accord's loader does."""
+    from trainkit import header, run_readme
+
+    from accord.inference import load_trained
+
+    out, _, _, _ = run
+    text = (out / "README.md").read_text()
+    assert all(f"`{t}.safetensors`" in text for t in TOKENS) and "rejects a file holding several tokens" in text
+    assert header(out / "<asset0>.safetensors")["token"] == "<asset0>"
+    assert json.loads(header(out / "pytorch_lora_weights.safetensors")["accord"])["method"] == "break_a_scene"
+    _same_images_as_accord(run_readme(out)["pipe"], load_trained(out))
+
+
 @pytest.mark.slow
 def test_sdxl_trains_both_encoders_and_loads_in_the_stock_pipeline(tiny_model_dir, tmp_path):
     """SDXL: the tokens train in both text encoders (each row moves), the LoRA trains in phase 2, and stock

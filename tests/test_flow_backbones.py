@@ -48,7 +48,7 @@ def test_lora_with_ddloss_trains_and_loads_into_stock_pipeline(family, tiny_mode
         train_module.run_step = original
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(logged)))
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["outputs"] == ["pytorch_lora_weights.safetensors"]  # no kohya file for transformers
+    assert summary["outputs"] == ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"]
 
     pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(model)
     base = _image(pipe)
@@ -58,6 +58,57 @@ def test_lora_with_ddloss_trains_and_loads_into_stock_pipeline(family, tiny_mode
     loaded = load_trained(out)
     assert type(loaded).__name__ == PIPELINES[family]
     assert abs(_image(loaded) - tuned).max() < 1e-5
+
+
+def _comfy_lora_keys(family: str, config: dict) -> set[str]:
+    """A re-statement of ComfyUI's LoRA key map for diffusers-named FLUX/SD3 modules (comfy/lora.py
+    ``model_lora_keys_unet`` over comfy/utils.py ``flux_to_diffusers`` / ``mmdit_to_diffusers``): each diffusers
+    weight ``M.weight`` that the model map covers is accepted as ``"lora_transformer_" + M.replace(".", "_")``."""
+    if family == "flux":
+        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                  "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj", "ff.net.2",
+                  "ff_context.net.0.proj", "ff_context.net.2"]
+        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"]
+        modules = [f"transformer_blocks.{i}.{m}" for i in range(config["num_layers"]) for m in double]
+        modules += [f"single_transformer_blocks.{i}.{m}" for i in range(config["num_single_layers"]) for m in single]
+    else:
+        joint = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                 "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                 "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
+        modules = [f"transformer_blocks.{i}.{m}" for i in range(config["num_layers"]) for m in joint]
+    return {"lora_transformer_" + m.replace(".", "_") for m in modules}
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_comfy_lora_keys_all_map_and_readme_loads(family, tiny_model_dir, refs, tmp_path):
+    """lora_kohya.safetensors for FLUX/SD3: every key is one ComfyUI's loader maps (lora_up/lora_down/alpha of a
+    mapped module) and the factors are the diffusers file's; the run README's lines load the diffusers file."""
+    from safetensors.torch import load_file
+
+    from accord.train import train
+    from trainkit import header, run_readme
+
+    model = tiny_model_dir(family)
+    flow = {**FLOW, "train": {**FLOW["train"], "max_steps": 1}, "method": {**FLOW["method"], "lora_alpha": 8}}
+    out = train(tiny_config(model, refs, tmp_path / "run", **flow), progress=False)
+    comfy = load_file(out / "lora_kohya.safetensors")
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    mapped = _comfy_lora_keys(family, config)
+    left = [k for k in comfy if k.rsplit(".", 2)[0] not in mapped and k.rsplit(".", 1)[0] not in mapped]
+    consumed = {f"{m}.{s}" for m in mapped for s in ("lora_up.weight", "lora_down.weight", "alpha")}
+    assert comfy and not left and set(comfy) <= consumed, left or sorted(set(comfy) - consumed)[:5]
+    diffusers_file = load_file(out / "pytorch_lora_weights.safetensors")
+    assert len(comfy) == len(diffusers_file) // 2 * 3  # up, down and alpha per module
+    for key, value in diffusers_file.items():  # transformer.<module>.lora_A/B.weight
+        module = "lora_transformer_" + key.removeprefix("transformer.").rsplit(".", 2)[0].replace(".", "_")
+        part = "lora_down" if ".lora_A." in key else "lora_up"
+        assert torch.equal(comfy[f"{module}.{part}.weight"], value), key
+        assert comfy[f"{module}.alpha"].item() == 8.0
+    meta = header(out / "lora_kohya.safetensors")
+    assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "sd3"}[family]
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "8.0")
+    pipe = run_readme(out)["pipe"]
+    assert type(pipe).__name__ == PIPELINES[family] and pipe.get_list_adapters()
 
 
 def test_flux_lean_mode_gives_the_fast_mode_gradient(tiny_model_dir, refs, tmp_path):

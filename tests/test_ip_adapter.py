@@ -91,6 +91,15 @@ def test_ip_adapter_trains_and_loads_with_stock_diffusers(kind, tiny_model_dir, 
                  num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()
+    # the run names its image encoder, and its README's lines (which pass it) load the adapter as written
+    from trainkit import run_readme
+
+    info = json.loads((out / "ip_adapter.json").read_text())
+    assert info["image_encoder_path"] == str(encoder_dir.resolve()) and info["image_encoder_path"] in (out / "README.md").read_text()
+    readme_pipe = run_readme(out)["pipe"]
+    assert readme_pipe.image_encoder is not None
+    assert torch.equal(readme_pipe.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.weight,
+                       state["image_proj.proj.weight"])
 
 
 @pytest.mark.slow

@@ -111,10 +111,8 @@ def _stock_load(method: str, kind: str, out: Path, base: Path):
         pipe.load_textual_inversion(state["clip_g"], token="<s*>", text_encoder=pipe.text_encoder_2,
                                     tokenizer=pipe.tokenizer_2)
     elif method == "custom_diffusion":
-        from accord.methods.custom_diffusion import load_custom_diffusion_weights
-
-        # diffusers 0.42's unet.load_attn_procs does not set the processors (see test_stock_load_attn_procs)
-        load_custom_diffusion_weights(pipe.unet, out / "pytorch_custom_diffusion_weights.safetensors")
+        # _pipeline: diffusers 0.42 installs the processors only when given it (huggingface/diffusers#9320)
+        pipe.unet.load_attn_procs(out, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
         if kind == "sd":
             pipe.load_textual_inversion(out, weight_name="<new1>.safetensors")
         else:
@@ -214,15 +212,75 @@ def test_custom_diffusion_changes_only_cross_attention(trained, kind):
     assert changed
 
 
-def test_stock_load_attn_procs_custom_diffusion(trained):
-    """Documents why load_into does not call ``unet.load_attn_procs``: in diffusers 0.42 it builds the
-    processors but does not set them. When this starts passing, switch load_into back to the stock call."""
-    out, _, base = trained("custom_diffusion", "sd")
-    pipe = _base_pipeline("sd", base)
-    pipe.unet.load_attn_procs(out, weight_name="pytorch_custom_diffusion_weights.safetensors")
-    kinds = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
-    if "CustomDiffusionAttnProcessor" not in kinds:
-        pytest.xfail(f"diffusers' load_attn_procs left the processors as {kinds}")
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_stock_load_attn_procs_applies_every_custom_diffusion_tensor(trained, kind):
+    """diffusers' own loader, called as its training script's docs say, installs a Custom Diffusion processor on
+    every attention layer and carries every trained tensor into the UNet (``_pipeline``: huggingface/diffusers#9320)."""
+    from accelerate.utils import extract_model_from_parallel
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+    from safetensors.torch import load_file
+
+    out, method, base = trained("custom_diffusion", kind)
+    pipe = _base_pipeline(kind, base)
+    n_layers = len(pipe.unet.attn_processors)
+    pipe.unet.load_attn_procs(out, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
+    procs = pipe.unet.attn_processors
+    assert len(procs) == n_layers and all(isinstance(p, CustomDiffusionAttnProcessor) for p in procs.values())
+    loaded = dict(pipe.unet.named_parameters())
+    trained_unet = extract_model_from_parallel(method.backbone.denoiser)
+    tensors = {n: p for n, p in trained_unet.named_parameters() if "_custom_diffusion" in n}
+    assert tensors and set(tensors) <= set(loaded)
+    for name, value in tensors.items():
+        torch.testing.assert_close(loaded[name], value.detach().cpu(), rtol=0, atol=0, msg=name)
+    file_tensors = [k for k, v in load_file(out / "pytorch_custom_diffusion_weights.safetensors").items() if v.numel()]
+    assert len(file_tensors) == len(tensors)  # every tensor in the file reached the UNet
+
+
+@pytest.mark.parametrize("method,kind", [(m, k) for m in ("lora", "textual_inversion", "custom_diffusion")
+                                         for k in ("sd", "sdxl")])
+def test_run_readme_loads_the_run_as_written(trained, method, kind):
+    """Each run folder's README.md names the trigger and base model, and its python lines, executed as
+    written, give the pipeline accord's loader gives."""
+    from trainkit import run_readme
+
+    out, _, base = trained(method, kind)
+    text = (out / "README.md").read_text()
+    assert f"`{TRIGGERS[method]}`" in text and str(Path(base).resolve()) in text
+    pipe = run_readme(out)["pipe"]
+    prompt = f"a {TRIGGERS[method]} backpack, girl"
+    np.testing.assert_allclose(_sample(pipe, prompt), _sample(load_trained(out), prompt), atol=1e-5)
+
+
+def test_every_adapter_file_carries_training_metadata(trained):
+    import json
+
+    from trainkit import header
+
+    for method, kind, files in (("lora", "sd", ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"]),
+                                ("lora", "sdxl", ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"]),
+                                ("textual_inversion", "sd", ["learned_embeds.safetensors"]),
+                                ("custom_diffusion", "sdxl", ["pytorch_custom_diffusion_weights.safetensors",
+                                                              "<new1>.safetensors"])):
+        out, _, _ = trained(method, kind)
+        for name in files:
+            meta = header(out / name)
+            assert meta["ss_base_model_version"] == {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}[kind], name
+            assert (meta["ss_steps"], meta["ss_resolution"], meta["ss_output_name"]) == ("2", "(32, 32)", out.name)
+            trigger = TRIGGERS[method]
+            folder = f"refs-{trigger.strip('<>*')}"
+            assert json.loads(meta["ss_tag_frequency"]) == {folder: {f"1 {trigger} backpack": 2, "girl": 2, "park": 2}}
+            accord = json.loads(meta["accord"])
+            assert accord["trigger"] == trigger and accord["class_noun"] == "backpack" and accord["method"] == method
+            assert (accord["dd_weight"], accord["dd_scale"], accord["dd_variant"]) == (0.2, "reference", "paper")
+            assert accord["pd_weight"] == (0.002 if method != "lora" else 0.0)
+            lora = method == "lora"
+            assert ("ss_network_dim" in meta) == lora, name
+            if lora:
+                assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "4.0")
+        if method == "lora":
+            assert "lora_adapter_metadata" in header(out / "pytorch_lora_weights.safetensors")  # diffusers' own kept
+        if method == "textual_inversion":
+            assert header(out / "learned_embeds.safetensors")["token"] == "<s*>"
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])

@@ -33,3 +33,23 @@ def tiny_config(model: Path, refs: Path, out: Path, **sections) -> Config:
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return config_from_dict(data).validate()
+
+
+def run_readme(out: Path) -> dict:
+    """Execute the python blocks of a run folder's README.md as written; return their namespace (``pipe`` …)."""
+    from accord.export.readme import python_blocks
+
+    blocks = python_blocks((Path(out) / "README.md").read_text())
+    assert blocks, f"{out}/README.md has no python block"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(Path(out) / "README.md"), "exec"), namespace)
+    return namespace
+
+
+def header(path: Path) -> dict[str, str]:
+    """The safetensors metadata of ``path``, read as users read it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}

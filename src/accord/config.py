@@ -40,6 +40,8 @@ BACKBONES = ("auto", "sd", "sdxl", "flux", "sd3")
 METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
            "break_a_scene")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
+#: methods whose diffusion loss data.masked_loss weighs (Break-A-Scene masks by its subject masks)
+MASKED_LOSS_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder")
 
 
 @dataclass
@@ -79,6 +81,15 @@ class DataConfig:
     class_prompt: str | None = _f(None, "prompt of the class images; default 'a {class_noun}'")
     num_class_images: int = _f(100, "number of class images to use (missing ones are generated)")
     prior_loss_weight: float = _f(1.0, "weight of the class-prior loss")
+    masked_loss: bool = _f(
+        False, "weigh the diffusion loss by each reference's mask (metadata.jsonl 'mask' or data.mask_dir; white = "
+        "subject): 1 inside, data.unmasked_weight outside; images without a mask train on the whole image "
+        "(lora, dreambooth, textual_inversion, custom_diffusion, visual_encoder)"
+    )
+    mask_dir: str | None = _f(
+        None, "with data.masked_loss: a folder of kohya-style masks named like their images (00.jpg -> 00.png)"
+    )
+    unmasked_weight: float = _f(0.0, "with data.masked_loss: weight of the diffusion loss outside the mask (0..1)")
 
 
 @dataclass
@@ -316,6 +327,17 @@ class Config:
         if self.method.bas_phase1_steps < 0 or self.method.bas_phase1_lr <= 0 or self.method.bas_attn_weight < 0:
             raise ConfigError("method.bas_phase1_steps and method.bas_attn_weight must be >= 0 and "
                               "method.bas_phase1_lr > 0")
+        d = self.data
+        if d.mask_dir and not d.masked_loss:
+            raise ConfigError(f"data.mask_dir={d.mask_dir} is set but data.masked_loss is off, so the masks would be "
+                              "ignored; set data.masked_loss=true (or unset data.mask_dir)")
+        if d.masked_loss and self.method.name not in MASKED_LOSS_METHODS:
+            raise ConfigError(f"data.masked_loss is for {', '.join(MASKED_LOSS_METHODS)}; {self.method.name} "
+                              + ("masks its loss by its per-subject 'masks'" if self.method.name == "break_a_scene"
+                                 else "trains on an image-caption set without masks") + ": set it to false")
+        if not (math.isfinite(d.unmasked_weight) and 0 <= d.unmasked_weight <= 1):
+            raise ConfigError(f"data.unmasked_weight={d.unmasked_weight} must be in 0..1 (0: only the masked area "
+                              "trains, 1: the mask has no effect)")
         if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
             raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
         self.train.validate()

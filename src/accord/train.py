@@ -98,7 +98,8 @@ def _build_data(config: Config, accelerator, backbone, method=None):
     own = method.build_dataset(config) if method is not None else None
     if own is not None:  # e.g. an image–caption set for zero-shot IP-Adapter training
         return [], own, None
-    items = scan_references(d.instance_dir, d.trigger, d.class_noun, on_bad_image=d.on_bad_image)
+    items = scan_references(d.instance_dir, d.trigger, d.class_noun, on_bad_image=d.on_bad_image,
+                            mask_dir=d.mask_dir if d.masked_loss else None)
     buckets = None
     if d.buckets:
         from .data.images import make_buckets

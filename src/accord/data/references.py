@@ -15,7 +15,10 @@ A reference folder holds images (``.jpg .jpeg .png .webp .bmp``, any case; names
 
       {"file_name": "scene.png", "masks": {"<asset0>": "m0.png", "<asset1>": "m1.png"}}
 
-  Files named as masks are not used as references. Other keys are rejected so that a typo is not silently
+  Files named as masks are not used as references. Masks can also come from a separate folder
+  (``mask_dir``, kohya's layout): the mask of ``00.jpg`` is the image file of ``mask_dir`` with stem ``00``
+  (``00.png``, ``00.jpg``, …); a mask given both ways is an error. White (255) is inside the mask. Other
+  keys are rejected so that a typo is not silently
   ignored. A caption given both as a sidecar and in ``metadata.jsonl`` must agree.
 
 Images without a caption get ``default_caption(trigger, class_noun)`` and one warning lists them.
@@ -60,6 +63,7 @@ __all__ = [
     "reference_fingerprint",
     "scan_references",
     "subject_tokens",
+    "declared_masks",
 ]
 
 METADATA_FILE = "metadata.jsonl"
@@ -189,6 +193,43 @@ def _read_metadata(folder: Path) -> dict[Path, _Meta]:
     return entries
 
 
+def _mask_dir_masks(folder: Path, mask_dir) -> dict[str, Path]:
+    """{image stem: mask file} of ``mask_dir`` (kohya's same-name masks); one mask per stem."""
+    if mask_dir is None:
+        return {}
+    masks_folder = _check_folder(mask_dir, "data.mask_dir")
+    if masks_folder.resolve() == folder.resolve():
+        raise DataError(f"data.mask_dir={mask_dir} is the reference folder itself; put the masks in a folder of their own")
+    out: dict[str, Path] = {}
+    for path in list_images(masks_folder):
+        if path.stem in out:
+            raise DataError(f"data.mask_dir={mask_dir}: two masks for {path.stem!r} ({out[path.stem].name}, {path.name}); "
+                            "keep one per image")
+        out[path.stem] = path.resolve()
+    return out
+
+
+def declared_masks(folder, mask_dir=None) -> dict[Path, Path]:
+    """{image: mask} of every reference image that has a single-subject mask (metadata.jsonl ``mask`` or a
+    same-name file in ``mask_dir``), read without decoding an image: for the checks made before training."""
+    folder = _check_folder(folder)
+    meta = _read_metadata(folder)
+    out = {p: e.mask for p, e in meta.items() if e.mask is not None}
+    by_stem = _mask_dir_masks(folder, mask_dir)
+    taken = {e.mask for e in meta.values() if e.mask is not None} | {m for e in meta.values() if e.masks for m in e.masks.values()}
+    for image in [p.resolve() for p in list_images(folder)] + list(meta):
+        if image in taken:
+            continue
+        mask = by_stem.get(image.stem)
+        if mask is None:
+            continue
+        if image in out and out[image] != mask:
+            raise DataError(f"{image.name}: mask given both in {folder / METADATA_FILE} line {meta[image].line} and in "
+                            f"data.mask_dir ({mask.name}); keep one of them")
+        out[image] = mask
+    return out
+
+
 def _read_sidecar(txt: Path) -> str | None:
     try:
         text = txt.read_text(encoding="utf-8-sig")
@@ -204,8 +245,11 @@ def scan_references(
     *,
     on_bad_image: str = "error",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    mask_dir=None,
 ) -> list[ReferenceItem]:
     """Find the reference images in ``folder`` with their captions, ``c_p``/``c_g`` and masks.
+
+    ``mask_dir``: a folder of kohya-style same-name masks (see the module docstring) beside metadata.jsonl's.
 
     Every image (and mask) is decoded once to check it. ``on_bad_image="error"`` raises a
     :class:`DataError` naming the first bad file; ``"skip"`` drops bad images and warns once,
@@ -217,6 +261,9 @@ def scan_references(
     trigger_pattern(trigger)  # a bad trigger is a ConfigError before any image is decoded
     folder = _check_folder(folder)
     meta = _read_metadata(folder)
+    if mask_dir is not None:
+        for image, mask in declared_masks(folder, mask_dir).items():
+            meta.setdefault(image, _Meta(line=0)).mask = mask
     masks = {e.mask for e in meta.values() if e.mask is not None}
     masks |= {m for e in meta.values() if e.masks for m in e.masks.values()}
     images = [p for p in list_images(folder) if p.resolve() not in masks]

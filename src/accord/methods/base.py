@@ -49,6 +49,8 @@ class Method:
     output_file: str = ""
     #: model families (``Backbone.family``) the method trains
     families: tuple[str, ...] = ("sd", "sdxl")
+    #: trains on ``data.instance_dir`` read by :func:`accord.data.references.scan_references` (not its own dataset)
+    reads_references: bool = True
 
     def __init__(self, config, backbone):
         if backbone.family not in self.families:
@@ -58,6 +60,38 @@ class Method:
         backbone.check_config(config)
         self.config = config
         self.backbone = backbone
+        self._check_masks()
+
+    def _check_masks(self) -> None:
+        """Masks are never ignored in silence: masked loss without any mask is an error, masks without
+        masked loss a warning that says how to use them (read from metadata.jsonl, no image decoded)."""
+        from ..config import MASKED_LOSS_METHODS
+        from ..data.references import METADATA_FILE, declared_masks
+        from ..errors import DataError
+
+        d = self.config.data
+        if self.name not in MASKED_LOSS_METHODS or not d.instance_dir or not Path(d.instance_dir).is_dir():
+            return
+        if not d.masked_loss:
+            if not (Path(d.instance_dir) / METADATA_FILE).is_file():
+                return
+            try:
+                masks = declared_masks(d.instance_dir)
+            except DataError:  # scan_references names the problem when the data is read
+                return
+            if masks:
+                import warnings
+
+                warnings.warn(f"{len(masks)} reference image(s) in {d.instance_dir} have a \"mask\" in {METADATA_FILE} "
+                              "but data.masked_loss is off, so the loss covers whole images; set data.masked_loss=true "
+                              "to train on the masked area", UserWarning, stacklevel=3)
+            return
+        if not declared_masks(d.instance_dir, d.mask_dir):
+            where = f"data.mask_dir={d.mask_dir} has no file named like an image" if d.mask_dir else \
+                f"no line of {METADATA_FILE} has a \"mask\""
+            raise DataError(f"data.masked_loss is on but no reference image in {d.instance_dir} has a mask ({where}); "
+                            "add masks (\"mask\" in metadata.jsonl or same-name files in data.mask_dir) or set "
+                            "data.masked_loss=false")
 
     # -- training ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -114,8 +148,16 @@ class Method:
         return batch
 
     def loss_mask(self, batch: dict) -> torch.Tensor | None:
-        """``[B, 1, H, W]`` pixel weights of the instance diffusion loss, or ``None`` for the whole image."""
-        return None
+        """``[B, 1, H, W]`` pixel weights of the instance diffusion loss, or ``None`` for the whole image.
+
+        With ``data.masked_loss`` the per-image masks (metadata.jsonl ``mask`` or ``data.mask_dir``) weigh it: 1
+        inside, ``data.unmasked_weight`` outside (kohya's masked loss, with a floor); images without a mask
+        carry an all-ones mask and train on the whole image."""
+        d = self.config.data
+        if not d.masked_loss or "mask" not in batch:
+            return None
+        mask = batch["mask"].float()
+        return d.unmasked_weight + (1.0 - d.unmasked_weight) * mask
 
     def dd_conditions(self, batch: dict) -> list[tuple[int, str, str]]:
         """DDLoss terms ``(row, c_p, c_g)``; a row may appear more than once (one term per subject)."""
@@ -165,9 +207,38 @@ class Method:
             load_named_state(module, f"m{i}", state)
 
     # -- outputs ----------------------------------------------------------------------------------
+    #: files whose header also gets ``ss_network_dim``/``ss_network_alpha`` (LoRA files)
+    lora_files: tuple[str, ...] = ()
+
     def save(self, output_dir: Path) -> list[Path]:
+        """Write the result (:meth:`write_weights`), stamp each safetensors file with the run's training
+        metadata (:mod:`accord.export.metadata`) and write ``README.md`` with the loading lines; return the
+        written weight paths."""
+        from ..export.metadata import network_metadata, stamp, tag_frequency, training_metadata
+        from ..export.readme import write_readme
+
+        output_dir = Path(output_dir)
+        written = self.write_weights(output_dir)
+        if not hasattr(self, "_tags"):  # the reference captions do not change during a run
+            self._tags = tag_frequency(self.config) if self.reads_references else {}
+        common = training_metadata(self.config, self.backbone, self._tags)
+        for path in written:
+            if path.suffix == ".safetensors":
+                stamp(path, {**common, **(network_metadata(self.config) if path.name in self.lora_files else {})})
+        write_readme(self, output_dir)
+        return written
+
+    def write_weights(self, output_dir: Path) -> list[Path]:
         """Write the result in the formats stock tools load; return the written paths."""
         raise NotImplementedError
+
+    def loading_code(self, run: str, base: str) -> str:
+        """Python lines that load this run's outputs (folder ``run``) into a stock pipeline of ``base``."""
+        return (f"from accord.inference import load_trained\n\npipe = load_trained({run!r})  # base model: {base}\n")
+
+    def readme_notes(self) -> list[str]:
+        """Markdown lines for the run README's "Files" section: what each output file loads in."""
+        return []
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:

@@ -126,6 +126,7 @@ def subject_maps(maps: list[torch.Tensor], positions: torch.Tensor, size: tuple[
 class BreakAScene(Method):
     name = "break_a_scene"
     output_file = MANIFEST
+    lora_files = (LORA_FILE,)
     trains_text = True
     families = ("sd", "sdxl")
 
@@ -274,7 +275,7 @@ class BreakAScene(Method):
         if self.phase2:
             load_named_state(self._unet(), "unet", state)
 
-    def save(self, output_dir: Path) -> list[Path]:
+    def write_weights(self, output_dir: Path) -> list[Path]:
         from safetensors.torch import save_file
 
         output_dir = Path(output_dir)
@@ -305,6 +306,38 @@ class BreakAScene(Method):
             written.append(output_dir / LORA_FILE)
         (output_dir / MANIFEST).write_text(json.dumps({"tokens": self.tokens, "embeddings": TI_FILE, "lora": lora}, indent=2))
         return written + [output_dir / MANIFEST]
+
+    def loading_code(self, run: str, base: str) -> str:
+        from .textual_inversion import pipeline_lines
+
+        code = pipeline_lines(self.backbone, base, True)
+        embeds = f"{run}/{TI_FILE}"
+        if self.backbone.family == "sdxl":
+            code += (f"state = load_file({embeds!r})  # every subject token in one call per text encoder\n"
+                     f"tokens = {self.tokens!r}  # break_a_scene.json: tokens, in the rows' order\n"
+                     "pipe.load_textual_inversion(list(state['clip_l']), token=tokens, text_encoder=pipe.text_encoder, "
+                     "tokenizer=pipe.tokenizer)\n"
+                     "pipe.load_textual_inversion(list(state['clip_g']), token=tokens, text_encoder=pipe.text_encoder_2, "
+                     "tokenizer=pipe.tokenizer_2)\n")
+        else:
+            code += (f"state = load_file({embeds!r})  # every subject token in one call\n"
+                     "pipe.load_textual_inversion(list(state.values()), token=list(state))\n")
+        if self.phase2:
+            code += f"pipe.load_lora_weights({run!r}, weight_name={LORA_FILE!r})\n"
+        return code
+
+    def readme_notes(self) -> list[str]:
+        one = "`pipe.load_textual_inversion(run_dir, weight_name=\"<token>.safetensors\")`" \
+            if self.backbone.family != "sdxl" else "the two-call SDXL recipe (`clip_l`/`clip_g`)"
+        notes = [f"- `{TI_FILE}`: all {len(self.tokens)} subject tokens ({', '.join(f'`{t}`' for t in self.tokens)}); "
+                 "`load_textual_inversion(run_dir)` alone rejects a file holding several tokens, so load it with the "
+                 "token list as above",
+                 f"- per-token files, one token each ({one}): "
+                 + ", ".join(f"`{t}.safetensors`" for t in self.tokens),
+                 f"- `{MANIFEST}`: the tokens in order, the embeddings file and the LoRA file"]
+        if self.phase2:
+            notes.append(f"- `{LORA_FILE}`: the phase-2 UNet LoRA (`load_lora_weights`)")
+        return notes
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:

@@ -7,8 +7,16 @@ embedding row trained like textual inversion, so PDLoss applies. The paper's bas
 the class-prior loss (``data.with_prior_preservation``). Adapted from diffusers'
 ``examples/custom_diffusion/train_custom_diffusion.py`` (processor set-up and output format).
 
-Outputs: ``pytorch_custom_diffusion_weights.safetensors`` (``unet.save_attn_procs``) and
-``<new1>.safetensors`` (the token embedding, textual-inversion format; SDXL: ``clip_l``/``clip_g``).
+Outputs: ``pytorch_custom_diffusion_weights.safetensors`` and ``<new1>.safetensors`` (the token embedding,
+textual-inversion format; SDXL: ``clip_l``/``clip_g``). The weights file is ``unet.save_attn_procs``'s, with
+one entry for every attention layer, as the training script's ``.bin`` has it: safetensors cannot hold the
+empty dict that marks a pass-through (self-attention) processor, so ``save_attn_procs`` drops those entries
+and stock ``load_attn_procs`` then refuses the file on the processor count; an empty tensor under the
+processor's name is what diffusers' ``_process_custom_diffusion`` reads as that marker. Stock loading::
+
+    pipe.unet.load_attn_procs(OUT, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
+
+(``_pipeline``: diffusers 0.42 installs the processors it builds only when given it, huggingface/diffusers#9320.)
 """
 
 from __future__ import annotations
@@ -53,13 +61,12 @@ def custom_diffusion_processors(unet, train_q_out: bool) -> dict:
 
 
 def load_custom_diffusion_weights(unet, path: Path) -> None:
-    """Put the processors of a ``save_attn_procs`` file into ``unet``.
+    """Put the processors of a ``save_attn_procs`` file into ``unet``, without a pipeline.
 
     diffusers 0.42's ``unet.load_attn_procs(folder, weight_name=...)`` builds these processors but
-    sets them only when called with its private ``_pipeline`` argument, and the self-attention
-    entries that ``save_attn_procs`` drops from safetensors files make that call fail on the
-    processor count. So the processors are built by diffusers' own ``_process_custom_diffusion``
-    and the self-attention layers are completed with pass-through ones here.
+    sets them only when called with its private ``_pipeline`` argument (huggingface/diffusers#9320).
+    So the processors are built by diffusers' own ``_process_custom_diffusion``; layers a file has no
+    entry for (files of earlier accord versions dropped the self-attention ones) get pass-through ones.
     """
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
     from safetensors.torch import load_file
@@ -115,11 +122,34 @@ class CustomDiffusion(Method):
         load_named_state(self._unet(), "unet", {k: v for k, v in state.items() if k.startswith("unet.")})
         self.learned.load_state("tokens", state)
 
-    def save(self, output_dir: Path) -> list[Path]:
+    def write_weights(self, output_dir: Path) -> list[Path]:
+        import torch
+        from safetensors.torch import load_file, save_file
+
         output_dir = Path(output_dir)
-        self._unet().save_attn_procs(str(output_dir), weight_name=CD_FILE, safe_serialization=True)
+        unet = self._unet()
+        unet.save_attn_procs(str(output_dir), weight_name=CD_FILE, safe_serialization=True)
+        state = load_file(str(output_dir / CD_FILE))
+        for name in unet.attn_processors:  # the pass-through layers save_attn_procs drops from safetensors
+            if not any(k.startswith(name + ".") for k in state):
+                state[name] = torch.zeros(0)
+        save_file(state, str(output_dir / CD_FILE), metadata={"format": "pt"})
         token_file = self.learned.save(output_dir / f"{self.token}.safetensors", self.token, self.backbone.family)
         return [output_dir / CD_FILE, token_file]
+
+    def loading_code(self, run: str, base: str) -> str:
+        from .textual_inversion import embedding_loading_code, pipeline_lines
+
+        family = self.backbone.family
+        return (pipeline_lines(self.backbone, base, family == "sdxl")
+                + f"# _pipeline: diffusers 0.42 installs the processors only when given it (huggingface/diffusers#9320)\n"
+                f"pipe.unet.load_attn_procs({run!r}, weight_name={CD_FILE!r}, _pipeline=pipe)\n"
+                + embedding_loading_code(run, f"{self.token}.safetensors", self.token, family))
+
+    def readme_notes(self) -> list[str]:
+        return [f"- `{CD_FILE}`: one `CustomDiffusionAttnProcessor` per attention layer (k/v weights on "
+                "cross-attention, pass-through entries elsewhere), diffusers' `train_custom_diffusion.py` layout",
+                f"- `{self.token}.safetensors`: the modifier token (textual-inversion format); use `{self.token}` in prompts"]
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:

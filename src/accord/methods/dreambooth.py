@@ -28,10 +28,18 @@ class DreamBooth(Method):
     def trainable_modules(self):
         return [self.backbone.denoiser, *(self.backbone.text_encoders if self.trains_text else [])]
 
-    def save(self, output_dir: Path) -> list[Path]:
+    def write_weights(self, output_dir: Path) -> list[Path]:
         output_dir = Path(output_dir)
         self.backbone.pipeline().save_pretrained(str(output_dir), safe_serialization=True)
         return [output_dir / "model_index.json"]
+
+    def loading_code(self, run: str, base: str) -> str:
+        cls = self.backbone.pipeline_class.__name__
+        return f"from diffusers import {cls}\n\npipe = {cls}.from_pretrained({run!r})  # fine-tuned from {base}\n"
+
+    def readme_notes(self) -> list[str]:
+        return ["- `model_index.json` and the component folders: the whole fine-tuned pipeline (`from_pretrained`); "
+                "`checkpoints/`, `logs/`, `config.yaml` beside them are ignored by diffusers"]
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:

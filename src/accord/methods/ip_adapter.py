@@ -18,9 +18,12 @@ PDLoss's ``f_p`` is CLIP's text projection of the mean projected image token (as
 against ``data.class_noun`` (e.g. "person") and the caption's phrases.
 
 Output ``ip_adapter.safetensors`` in the original layout (``image_proj.proj/norm.*``,
-``ip_adapter.{1,3,5,…}.to_k_ip/to_v_ip.weight``) and ``ip_adapter.json`` (the image encoder)::
+``ip_adapter.{1,3,5,…}.to_k_ip/to_v_ip.weight``) and ``ip_adapter.json`` (``image_encoder_path``: the image
+encoder it was trained with, which the run folder does not hold; the run's README has these lines)::
 
-    pipe.load_ip_adapter("OUT", subfolder="", weight_name="ip_adapter.safetensors")  # pipe needs image_encoder
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(IMAGE_ENCODER_PATH)  # + subfolder=... if recorded
+    pipe = StableDiffusionPipeline.from_pretrained(BASE, image_encoder=image_encoder)
+    pipe.load_ip_adapter("OUT", subfolder="", weight_name="ip_adapter.safetensors")
     pipe(prompt, ip_adapter_image=reference)
 """
 
@@ -91,6 +94,7 @@ class IPAdapter(Method):
     name = "ip_adapter"
     output_file = IP_FILE
     learns_personal_embedding = True  # the image projection (c_p) is trained: PDLoss applies
+    reads_references = False  # an image–caption folder or a streamed dataset (build_dataset)
 
     def setup(self) -> None:
         super().setup()
@@ -157,15 +161,36 @@ class IPAdapter(Method):
                 proc.to_k_ip[0].weight.copy_(flat[f"ip_adapter.{key_id}.to_k_ip.weight"])
                 proc.to_v_ip[0].weight.copy_(flat[f"ip_adapter.{key_id}.to_v_ip.weight"])
 
-    def save(self, output_dir: Path) -> list[Path]:
+    def write_weights(self, output_dir: Path) -> list[Path]:
         from safetensors.torch import save_file
 
         output_dir = Path(output_dir)
         save_file(ip_adapter_state(self.unwrapped_modules()[0]), str(output_dir / IP_FILE))
         m = self.config.method
-        (output_dir / IP_CONFIG).write_text(json.dumps({"image_encoder": m.image_encoder,
-                                                        "image_encoder_subfolder": m.image_encoder_subfolder}, indent=2))
+        info = {"image_encoder_path": self._encoder_path(), "image_encoder_subfolder": m.image_encoder_subfolder,
+                "image_encoder": m.image_encoder}
+        (output_dir / IP_CONFIG).write_text(json.dumps(info, indent=2))
         return [output_dir / IP_FILE, output_dir / IP_CONFIG]
+
+    def _encoder_path(self) -> str:
+        """``method.image_encoder``: absolute where it is a local folder, else the hub id."""
+        source = self.config.method.image_encoder
+        return str(Path(source).resolve()) if Path(source).exists() else source
+
+    def loading_code(self, run: str, base: str) -> str:
+        cls = self.backbone.pipeline_class.__name__
+        sub = self.config.method.image_encoder_subfolder
+        sub_arg = f", subfolder={sub!r}" if sub else ""
+        return (f"from diffusers import {cls}\nfrom transformers import CLIPVisionModelWithProjection\n\n"
+                f"# the image encoder this run trained with (ip_adapter.json: image_encoder_path)\n"
+                f"image_encoder = CLIPVisionModelWithProjection.from_pretrained({self._encoder_path()!r}{sub_arg})\n"
+                f"pipe = {cls}.from_pretrained({base!r}, image_encoder=image_encoder)\n"
+                f"pipe.load_ip_adapter({run!r}, subfolder='', weight_name={IP_FILE!r})\n")
+
+    def readme_notes(self) -> list[str]:
+        return [f"- `{IP_FILE}`: the adapter in the original IP-Adapter layout (`load_ip_adapter`); generate with "
+                "`pipe(prompt, ip_adapter_image=image)`",
+                f"- `{IP_CONFIG}`: `image_encoder_path` (+ subfolder), the CLIP image encoder to pass as `image_encoder`"]
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:
@@ -174,7 +199,8 @@ class IPAdapter(Method):
         output_dir = Path(output_dir)
         if getattr(pipeline, "image_encoder", None) is None and (output_dir / IP_CONFIG).is_file():
             info = json.loads((output_dir / IP_CONFIG).read_text())
-            pipeline.register_modules(image_encoder=load_image_encoder(info["image_encoder"], info.get("image_encoder_subfolder")))
+            source = info.get("image_encoder_path") or info["image_encoder"]
+            pipeline.register_modules(image_encoder=load_image_encoder(source, info.get("image_encoder_subfolder")))
         pipeline.load_ip_adapter(str(output_dir), subfolder="", weight_name=IP_FILE)
 
     @staticmethod

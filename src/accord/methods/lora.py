@@ -1,8 +1,9 @@
 """LoRA (Hu et al., 2021) on the UNet or transformer attention, optionally on the text encoders, through peft.
 
-Outputs: ``pytorch_lora_weights.safetensors`` in diffusers format (``pipe.load_lora_weights``) and, for
-sd/sdxl, ``lora_kohya.safetensors`` in the kohya/A1111/ComfyUI key format. FLUX/SD3 get no kohya file
-(diffusers' ``convert_state_dict_to_kohya`` knows only UNet/CLIP names; the run logs a note).
+Outputs: ``pytorch_lora_weights.safetensors`` in diffusers format (``pipe.load_lora_weights``) and
+``lora_kohya.safetensors`` for A1111/ComfyUI/kohya: for sd/sdxl kohya's ``lora_unet_*``/``lora_te*`` keys
+(diffusers' ``convert_state_dict_to_kohya``), for FLUX/SD3 the ``lora_transformer_*`` keys ComfyUI's loader maps
+(:mod:`accord.export.comfy`). Both carry the run's training metadata (:mod:`accord.export.metadata`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class LoRA(Method):
     name = "lora"
     output_file = LORA_FILE
     families = ("sd", "sdxl", "flux", "sd3")
+    lora_files = (LORA_FILE, KOHYA_FILE)
 
     def setup(self) -> None:
         from peft import LoraConfig
@@ -57,7 +59,7 @@ class LoRA(Method):
             mods += list(self.backbone.text_encoders)
         return mods
 
-    def save(self, output_dir: Path) -> list[Path]:
+    def write_weights(self, output_dir: Path) -> list[Path]:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
@@ -77,13 +79,30 @@ class LoRA(Method):
         self.backbone.pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **layers,
                                                        **{k: v for k, v in metadata.items() if v is not None})
         if self.backbone.denoiser_name != "unet":
-            import logging
+            from ..export.comfy import comfy_transformer_lora
 
-            logging.getLogger("accord.lora").info("no %s for %s: diffusers' kohya converter covers UNet models only",
-                                                  KOHYA_FILE, self.backbone.family)
-            return [output_dir / LORA_FILE]
-        save_file(self._kohya_state(modules), str(output_dir / KOHYA_FILE))
+            kohya = comfy_transformer_lora(get_peft_model_state_dict(modules[0]), self._alpha())
+        else:
+            kohya = self._kohya_state(modules)
+        save_file(kohya, str(output_dir / KOHYA_FILE))
         return [output_dir / LORA_FILE, output_dir / KOHYA_FILE]
+
+    def loading_code(self, run: str, base: str) -> str:
+        cls = self.backbone.pipeline_class.__name__
+        return (f"from diffusers import {cls}\n\npipe = {cls}.from_pretrained({base!r})\n"
+                f"pipe.load_lora_weights({run!r}, weight_name={LORA_FILE!r})\n")
+
+    def readme_notes(self) -> list[str]:
+        keys = ("`lora_unet_*`/`lora_te*` (kohya)" if self.backbone.denoiser_name == "unet"
+                else "`lora_transformer_*` (the keys ComfyUI maps for FLUX/SD3)")
+        return [f"- `{LORA_FILE}`: diffusers, `pipe.load_lora_weights` (above)",
+                f"- `{KOHYA_FILE}`: ComfyUI's *Load LoRA* node, A1111/Forge `<lora:…>`, kohya tools; keys {keys}",
+                "- both headers carry kohya's `ss_*` training metadata and an `accord` block "
+                "(`safetensors.safe_open(path, \"pt\").metadata()`)"]
+
+    def _alpha(self) -> float:
+        m = self.config.method
+        return float(m.lora_alpha if m.lora_alpha is not None else m.lora_rank)
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:
@@ -112,8 +131,7 @@ class LoRA(Method):
         from diffusers.utils import convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
 
-        m = self.config.method
-        alpha = float(m.lora_alpha if m.lora_alpha is not None else m.lora_rank)
+        alpha = self._alpha()
         prefixes = ["unet", "text_encoder", "text_encoder_2"]
         peft_sd = {}
         for prefix, module in zip(prefixes, modules):

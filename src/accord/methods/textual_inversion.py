@@ -121,6 +121,24 @@ def load_embedding_file(pipeline, path: Path) -> str:
     return token or next(iter(state))
 
 
+def embedding_loading_code(run: str, file: str, token: str, family: str) -> str:
+    """Stock lines that load one embedding file written by :meth:`LearnedTokens.save` (SDXL: one call per encoder)."""
+    if family != "sdxl":
+        return f"pipe.load_textual_inversion({run!r}, weight_name={file!r})\n"
+    return (f"state = load_file({run + '/' + file!r})\n"
+            f"pipe.load_textual_inversion(state['clip_l'], token={token!r}, text_encoder=pipe.text_encoder, "
+            "tokenizer=pipe.tokenizer)\n"
+            f"pipe.load_textual_inversion(state['clip_g'], token={token!r}, text_encoder=pipe.text_encoder_2, "
+            "tokenizer=pipe.tokenizer_2)\n")
+
+
+def pipeline_lines(backbone, base: str, sdxl_state: bool = False) -> str:
+    """The imports and ``from_pretrained`` line every loading snippet starts with."""
+    cls = backbone.pipeline_class.__name__
+    imports = f"from diffusers import {cls}\n" + ("from safetensors.torch import load_file\n" if sdxl_state else "")
+    return f"{imports}\npipe = {cls}.from_pretrained({base!r})\n"
+
+
 def unload_embeddings(pipeline) -> None:
     """Remove every added token from each tokenizer / text encoder (``unload_textual_inversion``)."""
     pipeline.unload_textual_inversion()
@@ -171,8 +189,19 @@ class TextualInversion(Method):
     def load_trainable_state(self, state):
         self.learned.load_state("tokens", state)
 
-    def save(self, output_dir: Path) -> list[Path]:
+    def write_weights(self, output_dir: Path) -> list[Path]:
         return [self.learned.save(Path(output_dir) / TI_FILE, self.token, self.backbone.family)]
+
+    def loading_code(self, run: str, base: str) -> str:
+        family = self.backbone.family
+        return pipeline_lines(self.backbone, base, family == "sdxl") + embedding_loading_code(run, TI_FILE, self.token, family)
+
+    def readme_notes(self) -> list[str]:
+        vectors = len(self.learned.tokens)
+        expand = f"; its {vectors} vectors load as `{'`, `'.join(self.learned.tokens)}`, the pipeline expands the token" \
+            if vectors > 1 else ""
+        return [f"- `{TI_FILE}`: the token `{self.token}`{expand} (A1111/ComfyUI embeddings folder too); the header "
+                "holds the token name, kohya's `ss_*` metadata and an `accord` block"]
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:

@@ -95,7 +95,7 @@ class VisualEncoder(Method):
     def personal_features(self, image):
         return self.backbone.projected_token_features(image)
 
-    def save(self, output_dir: Path) -> list[Path]:
+    def write_weights(self, output_dir: Path) -> list[Path]:
         from safetensors.torch import save_file
 
         output_dir = Path(output_dir)
@@ -108,6 +108,11 @@ class VisualEncoder(Method):
                 "num_tokens": mlp.num_tokens, "family": self.backbone.family}
         (output_dir / VE_CONFIG).write_text(json.dumps(info, indent=2))
         return [weights, output_dir / VE_CONFIG]
+
+    def readme_notes(self) -> list[str]:
+        return [f"- `{VE_FILE}` + `{VE_CONFIG}`: the MLP and its image encoder; no stock loader takes it: "
+                "`accord.inference.load_trained` (above), or a stock pipeline's `prompt_embeds` as in accord's "
+                "docs/image-encoders.md"]
 
     @staticmethod
     def load_into(pipeline, output_dir: Path, image_encoder=None) -> None:
