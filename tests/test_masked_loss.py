@@ -45,7 +45,7 @@ def _overrides(model, refs, out, *extra):
 
 def _first_diffusion_loss(overrides) -> float:
     seen = []
-    real = train_module.compute_step
+    real = train_module.run_step
 
     def spy(*args, **kwargs):
         losses = real(*args, **kwargs)
@@ -53,7 +53,7 @@ def _first_diffusion_loss(overrides) -> float:
         return losses
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "compute_step", spy)
+        mp.setattr(train_module, "run_step", spy)
         train_module.train(load_config(None, overrides), progress=False)
     return seen[0]
 
