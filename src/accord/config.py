@@ -211,6 +211,17 @@ class TrainConfig:
     timestep_sampling: str = _f("uniform", "how training timesteps are drawn (paper Tab. 12)", ("uniform", "logit_normal"))
     logit_mean: float = _f(0.0, "logit-normal m")
     logit_std: float = _f(1.0, "logit-normal s")
+    timestep_shift: float | None = _f(
+        None, "flux/sd3: SD3's timestep shift s, u -> s*u/(1+(s-1)*u) on the drawn grid fraction (kohya's "
+        "discrete_flow_shift; 3.0 favours noisier steps; on top of SD3's own shifted grid); null: off"
+    )
+    min_timestep: int | None = _f(
+        None, "lowest training timestep (DDPM index for sd/sdxl, sigma*1000 for flux/sd3); null: 0"
+    )
+    max_timestep: int | None = _f(
+        None, "highest training timestep (sd/sdxl: exclusive index bound, at most 1000; flux/sd3: sigma*1000 "
+        "inclusive); null: the whole schedule"
+    )
     snr_gamma: float | None = _f(None, "min-SNR weighting gamma (e.g. 5.0); None disables")
     noise_offset: float = _f(0.0, "noise offset (e.g. 0.05); 0 disables")
     cache_latents: bool = _f(False, "encode each reference once (only without random crops/flips)")
@@ -247,6 +258,13 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"train.checkpoints_total_limit={self.checkpoints_total_limit}: keep at least 1 "
                               "checkpoint, or null to keep all")
+        if self.timestep_shift is not None and not (math.isfinite(self.timestep_shift) and self.timestep_shift > 0):
+            raise ConfigError(f"train.timestep_shift={self.timestep_shift} must be a positive number (1: no shift, "
+                              "3.0: SD3's), or null")
+        lo, hi = self.min_timestep, self.max_timestep
+        if (lo is not None and lo < 0) or (hi is not None and hi < 1) or (lo is not None and hi is not None and lo >= hi):
+            raise ConfigError(f"train.min_timestep={lo} / train.max_timestep={hi}: need 0 <= min_timestep < "
+                              "max_timestep, e.g. 0 and 1000")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every={self.log_every} must be at least 1 (a console line every N steps)")
 
