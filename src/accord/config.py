@@ -197,14 +197,26 @@ class TrainConfig:
     max_steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(1, "reference images per step and process")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(1e-4, "learning rate")
+    learning_rate: float = _f(1e-4, "learning rate (the denoiser's; prodigy: a multiplier of its own estimate, use 1.0)")
+    optimizer: str = _f(
+        "adamw", "torch AdamW, bitsandbytes 8-bit AdamW (pip install 'accord[bnb]'), Prodigy, transformers' Adafactor "
+        "(fixed learning rate), or schedule-free AdamW (pip install 'accord[optim]'; with lr_scheduler=constant)",
+        ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree"))
+    text_encoder_lr: float | None = _f(
+        None, "learning rate of the text encoders' trained weights (method.train_text_encoder); null: learning_rate")
+    embedding_lr: float | None = _f(
+        None, "learning rate of learned token embeddings (textual_inversion, custom_diffusion's token, break_a_scene's "
+        "phase 2; phase 1 keeps method.bas_phase1_lr); null: learning_rate")
+    prodigy_d_coef: float = _f(1.0, "prodigy: d_coef, scales its step-size estimate")
+    prodigy_use_bias_correction: bool = _f(False, "prodigy: Adam's bias correction")
+    prodigy_safeguard_warmup: bool = _f(False, "prodigy: no d growth from the warm-up steps (use with lr_warmup_steps)")
     lr_scheduler: str = _f("constant", "diffusers learning-rate schedule", ("constant", "constant_with_warmup", "linear", "cosine"))
     lr_warmup_steps: int = _f(0, "warm-up steps of the learning-rate schedule")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
-    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install 'accord[bnb]'; needs a GPU)")
+    use_8bit_adam: bool = _f(False, "deprecated: the same as train.optimizer=adamw8bit")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mixed_precision: str = _f("no", "autocast precision", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
@@ -265,6 +277,9 @@ class TrainConfig:
         if (lo is not None and lo < 0) or (hi is not None and hi < 1) or (lo is not None and hi is not None and lo >= hi):
             raise ConfigError(f"train.min_timestep={lo} / train.max_timestep={hi}: need 0 <= min_timestep < "
                               "max_timestep, e.g. 0 and 1000")
+        from .optim import check_optimizer_config
+
+        check_optimizer_config(self)
         if self.log_every < 1:
             raise ConfigError(f"train.log_every={self.log_every} must be at least 1 (a console line every N steps)")
 

@@ -474,15 +474,9 @@ def _prepare_output_dir(config: Config, resume: str | None, is_main: bool) -> Pa
 
 
 def _make_optimizer(config: Config, params):
-    t = config.train
-    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
-    if t.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("train.use_8bit_adam needs bitsandbytes: pip install 'accord[bnb]'") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    from .optim import make_optimizer  # issue 20: train.optimizer (adamw, adamw8bit, prodigy, adafactor, schedule-free)
+
+    return make_optimizer(config, params)
 
 
 def build_model(config: Config, accelerator):
@@ -574,6 +568,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
     if resume is not None:
         monitor.load_state_dict(state.get("monitor"))
     window = min(t.log_every, max(1, t.max_steps // 8))
+    from .optim import eval_copy, eval_weights, set_mode  # issue 20: schedule-free optimizers train at y, save x
+
+    set_mode(optimizer, training=True)  # issue 20
     bar = tqdm(total=t.max_steps, initial=start_step, desc="accord train", disable=not (progress and accelerator.is_main_process))
     last_log = time.time()
     for step in range(start_step, t.max_steps):
@@ -634,15 +631,18 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
         if t.validation_every and done % t.validation_every == 0 and accelerator.is_main_process:
             from .validation import write_validation_grid
 
-            write_validation_grid(config, backbone, out / "samples" / f"step-{done:06d}.png", accelerator=accelerator)
+            with eval_copy(optimizer):  # issue 20
+                write_validation_grid(config, backbone, out / "samples" / f"step-{done:06d}.png", accelerator=accelerator)
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.max_steps:
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out, done, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
-                                config_dict=config_dict, extra={"nonfinite": nonfinite, "references": references,
-                                                                "monitor": monitor.state_dict()},
-                                keep=t.checkpoints_total_limit)
+            with eval_weights(optimizer):  # issue 20: on every process
+                if accelerator.is_main_process:
+                    save_checkpoint(out, done, method=method, optimizer=_inner(optimizer), lr_scheduler=lr_scheduler,
+                                    config_dict=config_dict, extra={"nonfinite": nonfinite, "references": references,
+                                                                    "monitor": monitor.state_dict()},
+                                    keep=t.checkpoints_total_limit)
     bar.close()
+    set_mode(optimizer, training=False)  # issue 20: from here on the weights are schedule-free's x (what is saved)
     if accelerator.is_main_process:
         monitor.finish()
     accelerator.wait_for_everyone()

@@ -77,8 +77,11 @@ class Method:
         return [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
 
     def param_groups(self) -> list:
-        """What the optimizer gets: :meth:`parameters`, or param-group dicts with their own learning rates."""
-        return self.parameters()
+        """What the optimizer gets: :meth:`parameters`, or param-group dicts with their own learning rates
+        (``train.text_encoder_lr``, ``train.embedding_lr``: :func:`accord.optim.lr_groups`)."""
+        from ..optim import lr_groups
+
+        return lr_groups(self.config, self.parameters(), self.backbone)
 
     def before_optimizer_step(self, step: int, optimizer) -> None:
         """Hook before gradient clipping and the optimizer step of ``step`` (0-based): phase schedules."""
