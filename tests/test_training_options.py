@@ -165,3 +165,136 @@ def test_bad_optimizer_keys_are_one_line(keys, message, model, refs, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
         tiny_config(model, refs, tmp_path / "t", train=keys)
     _one_line(err)
+
+
+# ---------------------------------------------------------------------------- 3. captions
+
+
+def _dataset(refs, **options):
+    from accord.data.references import ReferenceDataset, scan_references
+
+    return ReferenceDataset(scan_references(refs, "sks", "backpack"), 32, seed=0, **options)
+
+
+def test_caption_dropout_empties_caption_and_general_only(refs):
+    plain, dropping = _dataset(refs), _dataset(refs, caption_dropout=0.5)
+    dropped = []
+    for epoch in range(40):
+        plain.set_epoch(epoch)
+        dropping.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], dropping[i]
+            assert torch.equal(a["pixel_values"], b["pixel_values"])  # crops and flips draw as before
+            dropped.append(bool(b["caption_dropped"]))
+            if b["caption_dropped"]:
+                assert b["caption"] == "" and b["general"] == "" and b["personal"] == a["personal"]
+            else:
+                assert (b["caption"], b["general"]) == (a["caption"], a["general"])
+    assert 0.35 < sum(dropped) / len(dropped) < 0.65
+    dropping.set_epoch(7)
+    again = _dataset(refs, caption_dropout=0.5)
+    again.set_epoch(7)
+    assert [dropping[i]["caption"] for i in range(4)] == [again[i]["caption"] for i in range(4)]  # seeded: resumable
+
+
+def test_shuffle_phrases_keeps_the_trigger_phrase_first(refs, tmp_path):
+    from trainkit import make_refs
+
+    folder = make_refs(tmp_path / "long", captions=["1 sks backpack, girl, park, sunset, bench, tree"] * 2)
+    for keep in (0, 2):
+        data = _dataset(folder, shuffle_phrases=True, keep_phrases=keep)
+        orders = set()
+        for epoch in range(12):
+            data.set_epoch(epoch)
+            s = data[0]
+            phrases = s["caption"].split(", ")
+            assert phrases[0] == "1 sks backpack" and s["personal"] == "1 sks backpack"
+            assert sorted(phrases[1:]) == sorted(["girl", "park", "sunset", "bench", "tree"])
+            assert s["general"] == ", ".join(phrases[1:])  # c_g follows the shuffled order
+            assert phrases[1:1 + keep] == ["girl", "park"][:keep]
+            orders.add(s["caption"])
+        assert len(orders) > 3, "phrases should be shuffled across epochs"
+
+
+def test_dropped_captions_carry_no_dd_term_and_are_logged(model, refs, tmp_path, caplog):
+    import logging
+
+    from accord.data.folders import caption_options
+    from test_train import _grads
+
+    config = tiny_config(model, refs, tmp_path / "c", data={"caption_dropout": 0.6}, accord={"dd_weight": 0.2})
+    with caplog.at_level(logging.INFO, logger="accord.data"):
+        caption_options(config.data)
+    assert "carry no DD term" in caplog.text and "captions_dropped" in caplog.text
+    from accord.train import _Batches, _build_data
+
+    picked: dict[int, tuple] = {}  # one seed per number of captions its first batch drops
+    for seed in range(20):
+        config.train.seed = seed
+        _, dataset, _ = _build_data(config, None, None)
+        batch = _Batches(dataset, 2, 0, 0, 1, 1).get(0, 0)  # as _grads draws it
+        picked.setdefault(int(batch["caption_dropped"].sum()), (seed, batch))
+    assert len(picked) > 1
+    for n, (seed, batch) in sorted(picked.items())[:2]:
+        config.train.seed = seed
+        _, losses, calls = _grads(config, model, refs)
+        assert int(losses.parts["captions_dropped"]) == n
+        with_dd = sum(1 for g in batch["general"] if g)  # a dropped caption has no c_g
+        # fast mode: one forward of (2 joint + the DD rows' personal), then their general + empty (none without DD rows)
+        assert calls[0] == 2 + with_dd and len(calls) == (2 if with_dd else 1)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"caption_dropout": 1.0}, "data.caption_dropout=1.0 is not a probability below 1"),
+    ({"keep_phrases": -1}, "data.keep_phrases=-1 is negative"),
+])
+def test_bad_caption_keys_are_one_line(keys, message, model, refs, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        tiny_config(model, refs, tmp_path / "t", data=keys)
+    _one_line(err)
+
+
+# ---------------------------------------------------------------------------- 4. several folders
+
+
+def test_instance_dirs_repeat_weight_and_split_by_their_own_trigger(model, refs, tmp_path):
+    from trainkit import make_refs
+
+    from accord.data.folders import scan_instance_dirs
+    from accord.train import _build_data
+
+    dog = make_refs(tmp_path / "dog", subject="dog", captions=["a zwx dog, grass", "a zwx dog"])
+    config = tiny_config(model, refs, tmp_path / "o", data={
+        "instance_dir": "", "instance_dirs": [{"path": str(refs), "repeats": 2},
+                                              {"path": str(dog), "trigger": "zwx", "class_noun": "dog", "weight": 0.5}]})
+    items = scan_instance_dirs(config.data)
+    assert len(items) == 2 * 4 + 2
+    assert [it.personal for it in items[-2:]] == ["a zwx dog", "a zwx dog"] and items[-2].general == "grass"
+    assert [it.weight for it in items] == [1.0] * 8 + [0.5] * 2
+    _, dataset, _ = _build_data(config, None, None)
+    assert len(dataset) == 10 and float(dataset[9]["loss_weight"]) == 0.5 and float(dataset[0]["loss_weight"]) == 1.0
+
+
+def test_folder_weight_scales_its_diffusion_loss(model, refs, tmp_path):
+    from test_train import _grads
+
+    plain = tiny_config(model, refs, tmp_path / "a", accord={"dd_weight": 0.0})
+    weighted = tiny_config(model, refs, tmp_path / "b", accord={"dd_weight": 0.0},
+                           data={"instance_dir": "", "instance_dirs": [{"path": str(refs), "weight": 0.25}]})
+    _, a, _ = _grads(plain, model, refs)
+    _, b, _ = _grads(weighted, model, refs)
+    assert float(b.parts["diffusion"]) == pytest.approx(0.25 * float(a.parts["diffusion"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("dirs, extra, message", [
+    ([{"path": "x", "repeats": 0}], {}, "data.instance_dirs[0].repeats=0 must be a whole number >= 1"),
+    ([{"path": "x", "weight": -1}], {}, "data.instance_dirs[0].weight=-1 must be a positive number"),
+    ([{"path": "x", "repeat": 2}], {}, "data.instance_dirs[0]: unknown key 'repeat'"),
+    ([{"repeats": 2}], {}, "data.instance_dirs[0].path is missing"),
+    ([{"path": "x", "trigger": "zwx"}], {"accord": {"pd_weight": 0.001}},
+     "data.instance_dirs: accord.pd_weight uses the single data.trigger/data.class_noun"),
+])
+def test_bad_instance_dirs_are_one_line(dirs, extra, message, model, refs, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        tiny_config(model, refs, tmp_path / "t", data={"instance_dirs": dirs}, **extra)
+    _one_line(err)

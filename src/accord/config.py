@@ -79,6 +79,15 @@ class DataConfig:
     class_prompt: str | None = _f(None, "prompt of the class images; default 'a {class_noun}'")
     num_class_images: int = _f(100, "number of class images to use (missing ones are generated)")
     prior_loss_weight: float = _f(1.0, "weight of the class-prior loss")
+    instance_dirs: list = _f(
+        [], "more reference folders, each {path, repeats (times per epoch, 1), weight (loss weight, 1), trigger, "
+        "class_noun (default: data.trigger / data.class_noun)}; data.instance_dir, if set, is one more with the defaults"
+    )
+    caption_dropout: float = _f(
+        0.0, "probability that a sample trains on the empty caption (no DD term for it; logged as captions_dropped)"
+    )
+    shuffle_phrases: bool = _f(False, "shuffle each caption's c_g phrases every epoch; the trigger phrase c_p stays first")
+    keep_phrases: int = _f(0, "with shuffle_phrases: the first N c_g phrases stay in place after c_p (kohya's keep_tokens)")
 
 
 @dataclass
@@ -300,8 +309,14 @@ class Config:
         streamed = bool(self.method.ip_dataset)
         if streamed and self.method.name != "ip_adapter":
             raise ConfigError(f"method.ip_dataset is for ip_adapter, not {self.method.name}; unset it or use a folder")
-        if not self.data.instance_dir and not streamed:
+        if not self.data.instance_dir and not self.data.instance_dirs and not streamed:
             raise ConfigError("data.instance_dir is empty: give the folder of reference images")
+        if self.data.instance_dirs and self.method.name == "ip_adapter":
+            raise ConfigError("data.instance_dirs is not for ip_adapter (it reads one data.instance_dir or "
+                              "method.ip_dataset); unset it")
+        from .data.folders import check_data_config
+
+        check_data_config(self)
         if streamed and self.method.ip_shuffle_buffer < 1:
             raise ConfigError("method.ip_shuffle_buffer must be at least 1 (1: stream order)")
         if streamed and self.train.cache_latents:
@@ -449,6 +464,11 @@ def config_from_dict(data: dict | None) -> Config:
         for key, value in raw.items():
             if key not in fields:
                 raise _unknown(name, key, list(fields))
+            if (name, key) == ("data", "instance_dirs"):
+                from .data.folders import parse_instance_dirs
+
+                values[key] = parse_instance_dirs(value)
+                continue
             if (name, key) == ("regularizers", "sude_truncation") and isinstance(value, (int, float)) \
                     and not isinstance(value, bool):
                 raise ConfigError(f"regularizers.sude_truncation={value!r}: it now names the rule; for a fixed "

@@ -94,13 +94,15 @@ class _Batches:
 
 
 def _build_data(config: Config, accelerator, backbone, method=None):
-    from .data.references import ReferenceDataset, scan_references
+    from .data.references import ReferenceDataset
 
     d = config.data
     own = method.build_dataset(config) if method is not None else None
     if own is not None:  # e.g. an image–caption set for zero-shot IP-Adapter training
         return [], own, None
-    items = scan_references(d.instance_dir, d.trigger, d.class_noun, on_bad_image=d.on_bad_image)
+    from .data.folders import caption_options, scan_instance_dirs  # issue 20: several folders, caption options
+
+    items = scan_instance_dirs(d)  # issue 20: data.instance_dir and data.instance_dirs (repeats, weight, trigger)
     buckets = None
     if d.buckets:
         from .data.images import make_buckets
@@ -108,7 +110,7 @@ def _build_data(config: Config, accelerator, backbone, method=None):
         # kohya's 64-pixel step at 512 px and above; finer below so small resolutions still get several buckets.
         buckets = make_buckets(d.resolution, step=min(64, max(8, d.resolution // 64 * 8)))
     dataset = ReferenceDataset(items, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-                               buckets=buckets, seed=config.train.seed)
+                               buckets=buckets, seed=config.train.seed, **caption_options(d))  # issue 20
     no_general = [it.path.name for it in items if not it.general]
     if no_general and config.accord.dd_weight > 0:
         logger.warning("DDLoss has nothing to decouple in %d caption(s) with no other concept (their DD term is 0): %s",
@@ -234,6 +236,8 @@ def compute_step(config: Config, backbone, method, text, batch: dict, class_batc
     image = method.reference_condition(batch)
     cond = method.attach(_with_micro(text(captions, grad_text), micro), image)
     parts: dict = {}
+    if "caption_dropped" in batch:  # issue 20: data.caption_dropout's empty captions carry no DD term; log how many
+        parts["captions_dropped"] = batch["caption_dropped"].float().sum()
 
     mask = method.loss_mask(batch)
     if mask is not None:  # pixel mask → latent size, all ones for class images

@@ -117,8 +117,12 @@ class Method:
         return batch
 
     def loss_mask(self, batch: dict) -> torch.Tensor | None:
-        """``[B, 1, H, W]`` pixel weights of the instance diffusion loss, or ``None`` for the whole image."""
-        return None
+        """``[B, 1, H, W]`` pixel weights of the instance diffusion loss, or ``None`` for the whole image. By default
+        each sample's ``loss_weight`` (its folder's ``data.instance_dirs`` weight) where the batch has one."""
+        if "loss_weight" not in batch:
+            return None
+        h, w = batch["pixel_values"].shape[-2:]
+        return batch["loss_weight"].float().view(-1, 1, 1, 1).expand(-1, 1, h, w)
 
     def dd_conditions(self, batch: dict) -> list[tuple[int, str, str]]:
         """DDLoss terms ``(row, c_p, c_g)``; a row may appear more than once (one term per subject)."""
