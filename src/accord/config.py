@@ -90,6 +90,15 @@ class DataConfig:
         None, "with data.masked_loss: a folder of kohya-style masks named like their images (00.jpg -> 00.png)"
     )
     unmasked_weight: float = _f(0.0, "with data.masked_loss: weight of the diffusion loss outside the mask (0..1)")
+    instance_dirs: list = _f(
+        [], "more reference folders, each {path, repeats (times per epoch, 1), weight (loss weight, 1), trigger, "
+        "class_noun (default: data.trigger / data.class_noun)}; data.instance_dir, if set, is one more with the defaults"
+    )
+    caption_dropout: float = _f(
+        0.0, "probability that a sample trains on the empty caption (no DD term for it; logged as captions_dropped)"
+    )
+    shuffle_phrases: bool = _f(False, "shuffle each caption's c_g phrases every epoch; the trigger phrase c_p stays first")
+    keep_phrases: int = _f(0, "with shuffle_phrases: the first N c_g phrases stay in place after c_p (kohya's keep_tokens)")
 
 
 @dataclass
@@ -210,20 +219,43 @@ class TrainConfig:
     max_steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(1, "reference images per step and process")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(1e-4, "learning rate")
+    learning_rate: float = _f(1e-4, "learning rate (the denoiser's; prodigy: a multiplier of its own estimate, use 1.0)")
+    optimizer: str = _f(
+        "adamw", "torch AdamW, bitsandbytes 8-bit AdamW (pip install 'accord[bnb]'), Prodigy, transformers' Adafactor "
+        "(fixed learning rate), or schedule-free AdamW (pip install 'accord[optim]'; with lr_scheduler=constant)",
+        ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree"))
+    text_encoder_lr: float | None = _f(
+        None, "learning rate of the text encoders' trained weights (method.train_text_encoder); null: learning_rate")
+    embedding_lr: float | None = _f(
+        None, "learning rate of learned token embeddings (textual_inversion, custom_diffusion's token, break_a_scene's "
+        "phase 2; phase 1 keeps method.bas_phase1_lr); null: learning_rate")
+    prodigy_d_coef: float = _f(1.0, "prodigy: d_coef, scales its step-size estimate")
+    prodigy_use_bias_correction: bool = _f(False, "prodigy: Adam's bias correction")
+    prodigy_safeguard_warmup: bool = _f(False, "prodigy: no d growth from the warm-up steps (use with lr_warmup_steps)")
     lr_scheduler: str = _f("constant", "diffusers learning-rate schedule", ("constant", "constant_with_warmup", "linear", "cosine"))
     lr_warmup_steps: int = _f(0, "warm-up steps of the learning-rate schedule")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
-    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install 'accord[bnb]'; needs a GPU)")
+    use_8bit_adam: bool = _f(False, "deprecated: the same as train.optimizer=adamw8bit")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mixed_precision: str = _f("no", "autocast precision", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     timestep_sampling: str = _f("uniform", "how training timesteps are drawn (paper Tab. 12)", ("uniform", "logit_normal"))
     logit_mean: float = _f(0.0, "logit-normal m")
     logit_std: float = _f(1.0, "logit-normal s")
+    timestep_shift: float | None = _f(
+        None, "flux/sd3: SD3's timestep shift s, u -> s*u/(1+(s-1)*u) on the drawn grid fraction (kohya's "
+        "discrete_flow_shift; 3.0 favours noisier steps; on top of SD3's own shifted grid); null: off"
+    )
+    min_timestep: int | None = _f(
+        None, "lowest training timestep (DDPM index for sd/sdxl, sigma*1000 for flux/sd3); null: 0"
+    )
+    max_timestep: int | None = _f(
+        None, "highest training timestep (sd/sdxl: exclusive index bound, at most 1000; flux/sd3: sigma*1000 "
+        "inclusive); null: the whole schedule"
+    )
     snr_gamma: float | None = _f(None, "min-SNR weighting gamma (e.g. 5.0); None disables")
     noise_offset: float = _f(0.0, "noise offset (e.g. 0.05); 0 disables")
     cache_latents: bool = _f(False, "encode each reference once (only without random crops/flips)")
@@ -260,6 +292,16 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"train.checkpoints_total_limit={self.checkpoints_total_limit}: keep at least 1 "
                               "checkpoint, or null to keep all")
+        if self.timestep_shift is not None and not (math.isfinite(self.timestep_shift) and self.timestep_shift > 0):
+            raise ConfigError(f"train.timestep_shift={self.timestep_shift} must be a positive number (1: no shift, "
+                              "3.0: SD3's), or null")
+        lo, hi = self.min_timestep, self.max_timestep
+        if (lo is not None and lo < 0) or (hi is not None and hi < 1) or (lo is not None and hi is not None and lo >= hi):
+            raise ConfigError(f"train.min_timestep={lo} / train.max_timestep={hi}: need 0 <= min_timestep < "
+                              "max_timestep, e.g. 0 and 1000")
+        from .optim import check_optimizer_config
+
+        check_optimizer_config(self)
         if self.log_every < 1:
             raise ConfigError(f"train.log_every={self.log_every} must be at least 1 (a console line every N steps)")
 
@@ -280,8 +322,14 @@ class Config:
         streamed = bool(self.method.ip_dataset)
         if streamed and self.method.name != "ip_adapter":
             raise ConfigError(f"method.ip_dataset is for ip_adapter, not {self.method.name}; unset it or use a folder")
-        if not self.data.instance_dir and not streamed:
+        if not self.data.instance_dir and not self.data.instance_dirs and not streamed:
             raise ConfigError("data.instance_dir is empty: give the folder of reference images")
+        if self.data.instance_dirs and self.method.name == "ip_adapter":
+            raise ConfigError("data.instance_dirs is not for ip_adapter (it reads one data.instance_dir or "
+                              "method.ip_dataset); unset it")
+        from .data.folders import check_data_config
+
+        check_data_config(self)
         if streamed and self.method.ip_shuffle_buffer < 1:
             raise ConfigError("method.ip_shuffle_buffer must be at least 1 (1: stream order)")
         if streamed and self.train.cache_latents:
@@ -442,6 +490,11 @@ def config_from_dict(data: dict | None) -> Config:
         for key, value in raw.items():
             if key not in fields:
                 raise _unknown(name, key, list(fields))
+            if (name, key) == ("data", "instance_dirs"):
+                from .data.folders import parse_instance_dirs
+
+                values[key] = parse_instance_dirs(value)
+                continue
             if (name, key) == ("regularizers", "sude_truncation") and isinstance(value, (int, float)) \
                     and not isinstance(value, bool):
                 raise ConfigError(f"regularizers.sude_truncation={value!r}: it now names the rule; for a fixed "

@@ -582,6 +582,8 @@ def run_step(config: Config, backbone, method, text: TextCache, batch: dict, cla
     if not conds.k:  # no caption of this micro-batch names another concept: nothing for DDLoss to decouple
         terms = [t for t in terms if not t.reads_personal]
     step = Step(config, backbone, method, inputs, conds, terms, method.parameters() if measure_share else [])
+    if "caption_dropped" in inputs.batch:  # data.caption_dropout's empty captions carry no DD term; log how many
+        step.parts["captions_dropped"] = inputs.batch["caption_dropped"].float().sum()
     if config.accord.dd_variant == "frozen_personal":  # no gradient through U(c_p): nothing for a second pass
         return frozen_personal(step, backward)
     return SCHEDULES[config.accord.mode](step, backward)

@@ -92,14 +92,14 @@ class _Batches:
 
 
 def _build_data(config: Config, accelerator, backbone, method=None):
-    from .data.references import ReferenceDataset, scan_references
+    from .data.folders import caption_options, scan_instance_dirs
+    from .data.references import ReferenceDataset
 
     d = config.data
     own = method.build_dataset(config) if method is not None else None
     if own is not None:  # e.g. an image–caption set for zero-shot IP-Adapter training
         return [], own, None
-    items = scan_references(d.instance_dir, d.trigger, d.class_noun, on_bad_image=d.on_bad_image,
-                            mask_dir=d.mask_dir if d.masked_loss else None)
+    items = scan_instance_dirs(d)  # data.instance_dir and data.instance_dirs (repeats, weight, trigger)
     buckets = None
     if d.buckets:
         from .data.images import make_buckets
@@ -107,7 +107,7 @@ def _build_data(config: Config, accelerator, backbone, method=None):
         # kohya's 64-pixel step at 512 px and above; finer below so small resolutions still get several buckets.
         buckets = make_buckets(d.resolution, step=min(64, max(8, d.resolution // 64 * 8)))
     dataset = ReferenceDataset(items, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-                               buckets=buckets, seed=config.train.seed)
+                               buckets=buckets, seed=config.train.seed, **caption_options(d))
     no_general = [it.path.name for it in items if not it.general]
     if no_general and config.accord.dd_weight > 0:
         logger.warning("DDLoss has nothing to decouple in %d caption(s) with no other concept (their DD term is 0): %s",
@@ -141,15 +141,9 @@ def _prepare_output_dir(config: Config, resume: str | None, is_main: bool) -> Pa
 
 
 def _make_optimizer(config: Config, params):
-    t = config.train
-    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
-    if t.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("train.use_8bit_adam needs bitsandbytes: pip install 'accord[bnb]'") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    from .optim import make_optimizer  # train.optimizer: adamw, adamw8bit, prodigy, adafactor, schedule-free
+
+    return make_optimizer(config, params)
 
 
 def build_model(config: Config, accelerator):
@@ -322,6 +316,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
     accelerator, out, trainer, monitor = run.accelerator, run.out, run.trainer, run.monitor
     main = accelerator.is_main_process
     window, share_every = min(t.log_every, max(1, t.max_steps // 8)), config.accord.grad_share_every
+    from .optim import eval_copy, eval_weights, set_mode  # schedule-free optimizers train at y and save x
+
+    set_mode(trainer.optimizer, training=True)
     bar = tqdm(total=t.max_steps, initial=run.start_step, desc="accord train", disable=not (progress and main))
     nonfinite, last_log = 0, time.time()
     for step in range(run.start_step, t.max_steps):
@@ -345,16 +342,19 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
         if main and t.validation_every and done % t.validation_every == 0:
             from .validation import write_validation_grid
 
-            write_validation_grid(config, trainer.backbone, out / "samples" / f"step-{done:06d}.png",
-                                  accelerator=accelerator)
+            with eval_copy(trainer.optimizer):
+                write_validation_grid(config, trainer.backbone, out / "samples" / f"step-{done:06d}.png",
+                                      accelerator=accelerator)
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.max_steps:
             accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(out, done, method=trainer.method, optimizer=_inner(trainer.optimizer),
-                                lr_scheduler=trainer.lr_scheduler, config_dict=run.config_dict,
-                                extra={"nonfinite": nonfinite, "references": run.references,
-                                       "monitor": monitor.state_dict()}, keep=t.checkpoints_total_limit)
+            with eval_weights(trainer.optimizer):  # on every process
+                if main:
+                    save_checkpoint(out, done, method=trainer.method, optimizer=_inner(trainer.optimizer),
+                                    lr_scheduler=trainer.lr_scheduler, config_dict=run.config_dict,
+                                    extra={"nonfinite": nonfinite, "references": run.references,
+                                           "monitor": monitor.state_dict()}, keep=t.checkpoints_total_limit)
     bar.close()
+    set_mode(trainer.optimizer, training=False)  # from here on the weights are schedule-free's x (what is saved)
     return _finish(run, nonfinite)
 
 

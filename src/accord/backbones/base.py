@@ -70,6 +70,16 @@ class Backbone:
     def check_config(self, config) -> None:
         """Reject training settings this family cannot honour (one-line ``ConfigError``); called by
         :class:`accord.methods.base.Method` once the backbone is loaded."""
+        from ..errors import ConfigError
+
+        t = config.train
+        if t.timestep_shift is not None and self.family in ("sd", "sdxl"):
+            raise ConfigError(f"train.timestep_shift is for flow models (flux, sd3), not {self.family}; set it to null "
+                              "(train.min_timestep / train.max_timestep restrict DDPM timesteps)")
+        num = self.noise_scheduler.config.num_train_timesteps
+        if t.max_timestep is not None and t.max_timestep > num:
+            raise ConfigError(f"train.max_timestep={t.max_timestep} exceeds this model's {num} training timesteps; "
+                              f"use at most {num}")
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - interface
         raise NotImplementedError
@@ -112,16 +122,35 @@ class Backbone:
 
     def sample_timesteps(self, n: int, generator: torch.Generator, train_cfg) -> torch.Tensor:
         """Training timesteps as the model is fed them: integer DDPM indices here (uniform or
-        logit-normal, paper Tab. 12, via diffusers' ``compute_density_for_timestep_sampling``);
-        flow-matching backbones override this to return ``σ·num_train_timesteps``."""
-        num = self.noise_scheduler.config.num_train_timesteps
-        if train_cfg.timestep_sampling == "uniform":
-            return torch.randint(0, num, (n,), generator=generator)
-        from diffusers.training_utils import compute_density_for_timestep_sampling
+        logit-normal, paper Tab. 12, via diffusers' ``compute_density_for_timestep_sampling``), drawn
+        from ``[train.min_timestep, train.max_timestep)``; flow-matching backbones override this to
+        return ``σ·num_train_timesteps``."""
+        return self._grid_indices(n, generator, train_cfg, *self._index_range(train_cfg))
 
-        u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=train_cfg.logit_mean,
-                                                  logit_std=train_cfg.logit_std, generator=generator)
-        return (u * num).long().clamp(0, num - 1)
+    def _index_range(self, train_cfg) -> tuple[int, int]:
+        """``[lo, hi)`` of training-grid indices allowed by ``train.min_timestep`` / ``train.max_timestep``."""
+        num = self.noise_scheduler.config.num_train_timesteps
+        lo = train_cfg.min_timestep or 0
+        hi = num if train_cfg.max_timestep is None else train_cfg.max_timestep
+        return lo, hi
+
+    @staticmethod
+    def _grid_indices(n: int, generator, train_cfg, lo: int, hi: int, shift: float | None = None) -> torch.Tensor:
+        """``n`` indices in ``[lo, hi)``: uniform or logit-normal ``u``, optionally moved by the SD3 shift
+        ``u' = s·u / (1 + (s−1)·u)`` (Esser et al. 2024, §5.3.2; kohya's ``discrete_flow_shift``). Without a
+        shift and on the full range this draws exactly what it drew before these keys existed."""
+        if train_cfg.timestep_sampling == "uniform" and shift is None:
+            return torch.randint(lo, hi, (n,), generator=generator)
+        if train_cfg.timestep_sampling == "uniform":
+            u = torch.rand(n, generator=generator)
+        else:
+            from diffusers.training_utils import compute_density_for_timestep_sampling
+
+            u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=train_cfg.logit_mean,
+                                                      logit_std=train_cfg.logit_std, generator=generator)
+        if shift is not None:
+            u = shift * u / (1 + (shift - 1) * u)
+        return (lo + u * (hi - lo)).long().clamp(lo, hi - 1)
 
     def timesteps_at(self, fraction: torch.Tensor) -> torch.Tensor:
         """Training timesteps at ``fraction`` (in [0, 1)) of the way up the training grid, as the model is fed them:

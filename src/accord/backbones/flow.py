@@ -40,6 +40,7 @@ class FlowBackbone(Backbone):
         self._grid = torch.sort(self.noise_scheduler.timesteps.float()).values  # σ·N, ascending
 
     def check_config(self, config) -> None:
+        super().check_config(config)
         if config.train.snr_gamma:
             raise ConfigError(f"train.snr_gamma is for DDPM-style sd/sdxl; {self.family} is trained by flow matching, "
                               "set train.snr_gamma to null (use train.timestep_sampling=logit_normal instead)")
@@ -47,8 +48,25 @@ class FlowBackbone(Backbone):
     def sample_timesteps(self, n: int, generator: torch.Generator, train_cfg) -> torch.Tensor:
         """``σ·N`` on the training grid: grid index ``u·N`` (uniform, or logit-normal ``u`` as in SD3's
         paper, Esser et al. 2024, §3.1) with σ increasing in ``u``, so ``train.logit_mean > 0`` favours
-        noisier steps. (diffusers' flow scripts index the descending grid, which flips that sign.)"""
-        return self._grid[super().sample_timesteps(n, generator, train_cfg)]
+        noisier steps. (diffusers' flow scripts index the descending grid, which flips that sign.)
+        ``train.timestep_shift`` s moves ``u`` to ``s·u/(1+(s−1)·u)`` (SD3's shift, on top of the grid's own:
+        FLUX's grid is unshifted, SD3's already carries its scheduler's shift); ``train.min_timestep`` /
+        ``max_timestep`` keep the draw to grid points with ``min ≤ σ·N ≤ max``."""
+        lo, hi = self._index_range(train_cfg)
+        return self._grid[self._grid_indices(n, generator, train_cfg, lo, hi, shift=train_cfg.timestep_shift)]
+
+    def _index_range(self, train_cfg) -> tuple[int, int]:
+        """Grid indices whose ``σ·N`` lies in ``[train.min_timestep, train.max_timestep]``."""
+        lo_t = train_cfg.min_timestep or 0
+        hi_t = float("inf") if train_cfg.max_timestep is None else train_cfg.max_timestep
+        inside = ((self._grid >= lo_t) & (self._grid <= hi_t)).nonzero().flatten()
+        if not len(inside):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"train.min_timestep={train_cfg.min_timestep} / train.max_timestep={train_cfg.max_timestep} "
+                              f"hold no point of this model's sigma grid ({float(self._grid[0]):.4g} to "
+                              f"{float(self._grid[-1]):.4g}); widen the range")
+        return int(inside[0]), int(inside[-1]) + 1
 
     def timesteps_at(self, fraction: torch.Tensor) -> torch.Tensor:
         """``σ·N`` of the training grid point at ``fraction`` of the way up (σ increasing)."""

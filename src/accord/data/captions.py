@@ -12,9 +12,12 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+import torch
+
 from ..errors import ConfigError, DataError
 
-__all__ = ["default_caption", "join_phrases", "normalize_caption", "split_caption", "split_phrases", "trigger_pattern"]
+__all__ = ["default_caption", "join_phrases", "normalize_caption", "split_caption", "split_phrases", "trigger_pattern",
+           "vary_caption"]
 
 _SPACE = re.compile(r"\s+")
 
@@ -70,3 +73,27 @@ def default_caption(trigger: str, class_noun: str) -> str:
     if not noun:
         raise ConfigError("class_noun is empty; set it to the subject's class, e.g. 'backpack' or 'dog'")
     return f"a {trigger.strip()} {noun}"
+
+
+def vary_caption(caption: str, personal: str, general: str, generator, *, dropout: float = 0.0,
+                 shuffle: bool = False, keep: int = 0) -> tuple[str, str, str, bool]:
+    """``(caption, c_p, c_g, dropped)`` of one sample under caption dropout and phrase shuffling (kohya's
+    ``caption_dropout_rate``, ``shuffle_caption`` and ``keep_tokens``, counted in phrases).
+
+    With probability ``dropout`` the caption and ``c_g`` are empty (``c_p`` is kept for the text-only PDLoss /
+    ClassDiffusion terms); such a sample has no DD term. Otherwise, with ``shuffle``, the caption becomes
+    ``c_p`` first, then the first ``keep`` other phrases in caption order, then the remaining ones in a random
+    order; ``c_g`` follows that order when it is the caption's own other phrases (an explicit metadata
+    ``general`` is left as it is). ``generator`` decides both, so a sample depends only on its seed."""
+    if dropout > 0 and float(torch.rand((), generator=generator)) < dropout:
+        return "", personal, "", True
+    if not shuffle:
+        return caption, personal, general, False
+    personal_phrases = set(split_phrases(personal))
+    others = [p for p in split_phrases(caption) if p not in personal_phrases]
+    head, tail = others[:keep], others[keep:]
+    order = torch.randperm(len(tail), generator=generator).tolist()
+    shuffled = head + [tail[i] for i in order]
+    own = join_phrases(others) == general
+    return join_phrases([personal, *shuffled]), personal, join_phrases(shuffled) if own else general, False
+

@@ -40,7 +40,8 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import ConfigError, DataError
-from .captions import default_caption, join_phrases, normalize_caption, split_caption, split_phrases, trigger_pattern
+from .captions import (default_caption, join_phrases, normalize_caption, split_caption, split_phrases, trigger_pattern,
+                       vary_caption)
 from .images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -82,6 +83,7 @@ class ReferenceItem:
     mask_path: Path | None = None
     size: tuple[int, int] | None = None  # (width, height) after EXIF rotation; filled by scan_references
     masks: dict[str, Path] | None = None  # per-subject masks {token: path} (metadata ``masks``)
+    weight: float = 1.0  # loss weight of its samples (data.instance_dirs' per-folder weight)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -435,6 +437,11 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
     ``cache=True`` keeps each image decoded and resized (before the random crop, so samples are
     bitwise the same as without the cache): a few-shot set decodes its photos once per worker.
+
+    Captions: ``caption_dropout``, ``shuffle_phrases`` and ``keep_phrases`` (:func:`~accord.data.captions.vary_caption`)
+    draw from their own generator of ``(seed, epoch, index)``, so the crops and flips stay what they were and a
+    resumed run sees the same captions; with dropout on, samples carry ``caption_dropped`` (bool). Items with a
+    ``weight`` other than 1 give every sample a ``loss_weight`` (float).
     """
 
     def __init__(
@@ -448,6 +455,9 @@ class ReferenceDataset(torch.utils.data.Dataset):
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         cache: bool = True,
+        caption_dropout: float = 0.0,
+        shuffle_phrases: bool = False,
+        keep_phrases: int = 0,
     ):
         if not items:
             raise DataError("no reference images given; point the dataset at a folder with photos")
@@ -461,6 +471,8 @@ class ReferenceDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.max_pixels = max_pixels
         self.cache = cache
+        self.caption_dropout, self.shuffle_phrases, self.keep_phrases = caption_dropout, shuffle_phrases, keep_phrases
+        self.weighted = any(it.weight != 1.0 for it in self.items)
         self._cache: dict[int, tuple] = {}
         self.has_masks = any(it.mask_path is not None for it in self.items)
         self.subject_tokens = subject_tokens([it.masks for it in self.items])
@@ -523,15 +535,24 @@ class ReferenceDataset(torch.utils.data.Dataset):
             im = im.crop((left, top, left + tw, top + th))
             return im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im
 
+        caption, personal, general, dropped = item.caption, item.personal, item.general, False
+        if self.caption_dropout > 0 or self.shuffle_phrases:
+            caption, personal, general, dropped = vary_caption(
+                caption, personal, general, _mixed_generator(2, self.seed, self.epoch, index),
+                dropout=self.caption_dropout, shuffle=self.shuffle_phrases, keep=self.keep_phrases)
         sample = {
             "pixel_values": pil_to_tensor(crop_flip(img)).float().div(127.5).sub(1.0),
-            "caption": item.caption,
-            "personal": item.personal,
-            "general": item.general,
+            "caption": caption,
+            "personal": personal,
+            "general": general,
             "index": index,
             "original_size": torch.tensor([orig_h, orig_w]),
             "crop_top_left": torch.tensor([top, rw - left - tw if flip else left]),
         }
+        if self.caption_dropout > 0:
+            sample["caption_dropped"] = torch.tensor(dropped)
+        if self.weighted:
+            sample["loss_weight"] = torch.tensor(float(item.weight))
         if self.has_masks:
             if mask is None:
                 sample["mask"] = torch.ones(1, th, tw)

@@ -111,8 +111,11 @@ class Method:
         return [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
 
     def param_groups(self) -> list:
-        """What the optimizer gets: :meth:`parameters`, or param-group dicts with their own learning rates."""
-        return self.parameters()
+        """What the optimizer gets: :meth:`parameters`, or param-group dicts with their own learning rates
+        (``train.text_encoder_lr``, ``train.embedding_lr``: :func:`accord.optim.lr_groups`)."""
+        from ..optim import lr_groups
+
+        return lr_groups(self.config, self.parameters(), self.backbone)
 
     def before_optimizer_step(self, step: int, optimizer) -> None:
         """Hook before gradient clipping and the optimizer step of ``step`` (0-based): phase schedules."""
@@ -152,12 +155,17 @@ class Method:
 
         With ``data.masked_loss`` the per-image masks (metadata.jsonl ``mask`` or ``data.mask_dir``) weigh it: 1
         inside, ``data.unmasked_weight`` outside (kohya's masked loss, with a floor); images without a mask
-        carry an all-ones mask and train on the whole image."""
+        carry an all-ones mask and train on the whole image. Each sample's ``loss_weight`` (its folder's
+        ``data.instance_dirs`` weight), where the batch has one, multiplies that."""
         d = self.config.data
-        if not d.masked_loss or "mask" not in batch:
-            return None
-        mask = batch["mask"].float()
-        return d.unmasked_weight + (1.0 - d.unmasked_weight) * mask
+        weights = None
+        if d.masked_loss and "mask" in batch:
+            weights = d.unmasked_weight + (1.0 - d.unmasked_weight) * batch["mask"].float()
+        if "loss_weight" in batch:
+            h, w = batch["pixel_values"].shape[-2:]
+            folder = batch["loss_weight"].float().view(-1, 1, 1, 1).expand(-1, 1, h, w)
+            weights = folder if weights is None else weights * folder
+        return weights
 
     def dd_conditions(self, batch: dict) -> list[tuple[int, str, str]]:
         """DDLoss terms ``(row, c_p, c_g)``; a row may appear more than once (one term per subject)."""

@@ -174,14 +174,17 @@ class BreakAScene(Method):
 
     def before_optimizer_step(self, step: int, optimizer) -> None:
         """Phase 1: the UNet's gradients are dropped (AdamW skips parameters without one). Phase 2: the
-        tokens follow the UNet's learning rate (the schedule's value for ``train.learning_rate``)."""
+        tokens follow the UNet's learning rate (the schedule's value for ``train.learning_rate``, times
+        ``train.embedding_lr / train.learning_rate`` when that is set)."""
         if not self.phase2:
             return
         if step < self.config.method.bas_phase1_steps:
             for p in optimizer.param_groups[1]["params"]:
                 p.grad = None
-        else:
-            optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"]
+        else:  # train.embedding_lr, when set, keeps its ratio to the schedule's value for train.learning_rate
+            t = self.config.train
+            ratio = 1.0 if t.embedding_lr is None else t.embedding_lr / t.learning_rate
+            optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] * ratio
 
     def after_optimizer_step(self) -> None:
         self.learned.restore_frozen_rows()
