@@ -386,11 +386,16 @@ def assemble(step: Step, terms: list[Term], preds: Predictions) -> dict[str, tor
     out = {}
     for term in terms:
         per, logs = term.per_sample(step, preds)
-        value = per.mean() if per.numel() else per.sum()
+        value = _reduce(per)
         step.parts[term.name] = value.detach()
         step.parts.update(logs)
         out[term.name] = term.weight * value
     return out
+
+
+def _reduce(per: torch.Tensor) -> torch.Tensor:
+    """The one reduction rule: the mean over the rows a term is defined on (0 where it has none)."""
+    return per.mean() if per.numel() else per.sum()
 
 
 # ---------------------------------------------------------------------------- 4. schedules
@@ -427,16 +432,14 @@ class Step:
             wanted = term.frozen(self)
             if not wanted:
                 continue
-            names, rows = list(wanted), [r for r, _ in wanted.values()]
-            conds = [c for _, c in wanted.values()]
             if lead is not None:
-                if lead[1].embeds.shape[1:] == conds[0].embeds.shape[1:]:
-                    names, rows, conds = ["lead", *names], [lead[0], *rows], [lead[1], *conds]
+                first = next(iter(wanted.values()))[1]
+                if lead[1].embeds.shape[1:] == first.embeds.shape[1:]:
+                    wanted = {"lead": lead, **wanted}
                 else:  # image tokens lengthen c_p's sequence (visual_encoder): a forward of its own
-                    with torch.no_grad():
-                        out["lead"] = self.predict(self.inputs.noisy[lead[0]], self.inputs.timesteps[lead[0]], lead[1])
+                    out.update(self._forward_group({"lead": lead}))
                 lead = None
-            out.update(self._forward_group(dict(zip(names, zip(rows, conds)))))
+            out.update(self._forward_group(wanted))
         return out
 
     def _forward_group(self, wanted: dict) -> dict:
@@ -493,11 +496,16 @@ def fast(step: Step, backward: Backward | None) -> StepLosses:
         else:
             preds = Predictions(step.predict(inputs.noisy, inputs.timesteps, step.conds.joint))
     preds.frozen = step.frozen_predictions(step.terms)
+    main, regs, total = _losses(step, preds)
+    step.parts.update(_shares(main, regs, step.params)[0])
+    return _backward_once(total, step.parts, backward)
+
+
+def _losses(step: Step, preds: Predictions) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The main loss, each term's weighted loss, and their sum."""
     main = step.main_loss(preds.joint)
     regs = assemble(step, step.terms, preds)
-    step.parts.update(_shares(main, regs, step.params)[0])
-    total = main + sum(regs.values())
-    return _finish(total, step.parts, backward, [(total, True)])
+    return main, regs, main + sum(regs.values())
 
 
 def frozen_personal(step: Step, backward: Backward | None, *, last: bool = True):
@@ -514,12 +522,10 @@ def frozen_personal(step: Step, backward: Backward | None, *, last: bool = True)
         preds = Predictions(step.predict(inputs.noisy, inputs.timesteps, step.conds.joint), frozen.pop("lead", None))
     frozen.update(step.frozen_predictions([t for t in step.terms if t not in personal_terms]))
     preds.frozen = frozen
-    main = step.main_loss(preds.joint)
-    regs = assemble(step, step.terms, preds)
-    total = main + sum(regs.values())
+    main, regs, total = _losses(step, preds)
     if last:
         step.parts.update(_shares(main, regs, step.params)[0])
-        return _finish(total, step.parts, backward, [(total, True)])
+        return _backward_once(total, step.parts, backward)
     return total, main, regs, preds
 
 
@@ -543,7 +549,7 @@ def lean(step: Step, backward: Backward | None) -> StepLosses:
     seconds = {}
     for term in step.personal_terms:
         per, _ = term.per_sample(step, second_preds)
-        seconds[term.name] = term.weight * (per.mean() if per.numel() else per.sum())
+        seconds[term.name] = term.weight * _reduce(per)
     second = sum(seconds.values())
     for name, value in seconds.items():
         if name in first:
@@ -553,11 +559,10 @@ def lean(step: Step, backward: Backward | None) -> StepLosses:
     return StepLosses(total.detach(), step.parts)
 
 
-def _finish(total, parts, backward, pieces) -> StepLosses:
-    for loss, last in pieces:
-        if backward is not None and not backward(loss, last):
-            return StepLosses(total.detach(), parts, finite=False)
-    return StepLosses(total.detach(), parts)
+def _backward_once(total, parts, backward) -> StepLosses:
+    """The step's one backward (none without ``backward``); ``finite=False`` where a rank's loss was not."""
+    finite = backward is None or backward(total, True)
+    return StepLosses(total.detach(), parts, finite=finite)
 
 
 SCHEDULES = {"fast": fast, "lean": lean}
