@@ -235,11 +235,16 @@ def _tiny_image_encoder() -> str:
 
 
 def _config(case: Case, device: str):
+    import dataclasses
+
     from accord.config import config_from_dict
+    from accord.methods import get_method
 
     method = {"name": case.method, "lora_rank": case.lora_rank}
     if case.method in IMAGE_METHODS:
         method.update(image_encoder=_tiny_image_encoder(), image_dropout=0.0, text_dropout=0.0, both_dropout=0.0)
+    keys = {f.name for f in dataclasses.fields(get_method(case.method).options)}
+    method = {k: v for k, v in method.items() if k in keys}  # each method takes only its own keys
     tiny = case.kind.startswith("tiny")
     return config_from_dict({
         "model": {"pretrained": "benchmark"},

@@ -8,14 +8,18 @@ from pathlib import Path
 import pytest
 
 from accord.cli import build_parser
-from accord.config import Config, ConfigError, apply_overrides, config_from_dict, describe_keys, load_config
+from accord.config import (Config, ConfigError, MethodOptions, apply_overrides, config_from_dict, config_to_dict,
+                           describe_keys, load_config)
+from accord.methods.base import METHOD_REGISTRY, Method, get_method, method_options, register
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _all_keys():
-    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
-            for f in dataclasses.fields(section.default_factory())]
+    """Every key, the method keys of every registered method included."""
+    sections = [(section.name, section.default_factory()) for section in dataclasses.fields(Config)]
+    sections += [("method", options) for options in method_options().values()]
+    return sorted({f"{name}.{f.name}" for name, cls in sections for f in dataclasses.fields(cls)})
 
 
 def test_docs_and_help_list_every_key():
@@ -78,3 +82,110 @@ def test_replaced_keys_name_their_successor(raw, fix):
 
 def test_default_scale_is_the_papers_reference():
     assert Config().accord.dd_scale == "reference" and Config().regularizers.sude_truncation == "category"
+
+
+BASE = {"model": {"pretrained": "x"}, "data": {"instance_dir": "d", "class_noun": "dog"}}
+#: the smallest valid method section of each built-in method
+VALID = {"lora": {}, "dreambooth": {}, "textual_inversion": {"placeholder_token": "sks"},
+         "custom_diffusion": {"modifier_token": "sks"}, "visual_encoder": {"image_encoder": "enc"},
+         "ip_adapter": {"image_encoder": "enc"}, "break_a_scene": {}}
+
+
+def test_each_method_registers_documented_options():
+    """The registry is the list of methods: each has its own options dataclass, every key with help text and listed
+    under its method by describe_keys (so in --help and docs/config.md); method.name's choices are the registry."""
+    assert list(method_options()) == list(METHOD_REGISTRY) == list(VALID)
+    text = describe_keys()
+    assert f"[{' | '.join(METHOD_REGISTRY)}]" in text
+    for name, options in method_options().items():
+        assert get_method(name).options is options and issubclass(options, MethodOptions)
+        assert options().name == name
+        block = text.split(f"method (name: {name}):\n", 1)[1].split("\nmethod (name:", 1)[0].split("\naccord:")[0]
+        own = [f for f in dataclasses.fields(options) if f.name != "name"]
+        for f in own:
+            assert f.metadata.get("help"), f"method.{f.name} ({name}) has no help text"
+            assert f"\n  {f.name}: " in "\n" + block, f"method.{f.name} is not listed under {name}"
+        keys = [line.split(":")[0].strip() for line in block.splitlines() if not line.startswith("    ")]
+        assert keys == [f.name for f in own]  # no other method's key under it
+
+
+@pytest.mark.parametrize("name", list(VALID))
+def test_resolved_config_round_trips(name):
+    """The resolved config saved beside checkpoints and outputs reads back as the same config (resume compares them),
+    with only the chosen method's keys."""
+    import yaml
+
+    config = config_from_dict({**BASE, "method": {"name": name, **VALID[name]},
+                               "data": {**BASE["data"], "trigger": "sks"}}).validate()
+    saved = yaml.safe_dump(config_to_dict(config))
+    again = config_from_dict(yaml.safe_load(saved)).validate()
+    assert again == config and config_to_dict(again) == config_to_dict(config)
+    assert type(again.method) is get_method(name).options
+    assert set(config_to_dict(config)["method"]) == {f.name for f in dataclasses.fields(get_method(name).options)}
+
+
+def test_key_of_another_method_is_one_line():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({**BASE, "method": {"name": "textual_inversion", "lora_rank": 8}})
+    assert str(info.value) == ("method.lora_rank is for lora / break_a_scene, not textual_inversion; remove it or "
+                               "set method.name=lora")
+    with pytest.raises(ConfigError, match=r"method\.placeholder_token is for textual_inversion, not lora; remove it "
+                                          r"or set method\.name=textual_inversion"):
+        config_from_dict({**BASE, "method": {"placeholder_token": "<x>"}})  # no name: lora
+    with pytest.raises(ConfigError, match=r"method\.ip_dataset is for ip_adapter, not lora;"):
+        load_config(None, ["model.pretrained=x", "data.instance_dir=d", "data.class_noun=dog", "method.ip_dataset=a/b"])
+    with pytest.raises(ConfigError) as info:  # a key of no method: the unknown-key line with this method's keys
+        config_from_dict({**BASE, "method": {"name": "dreambooth", "lora_rnak": 8}})
+    assert str(info.value) == "unknown config key 'method.lora_rnak'; allowed here: name, train_text_encoder"
+
+
+def test_flat_configs_of_older_versions_still_load():
+    """Before the per-method options every resolved config held all methods' keys at their defaults; those read
+    back (a foreign key at its default changes nothing), and resume reads an old checkpoint's set ones too."""
+    old = {"name": "textual_inversion", "placeholder_token": "sks"}
+    for options in method_options().values():
+        for f in dataclasses.fields(options):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            old.setdefault(f.name, default)
+    config = config_from_dict({**BASE, "method": old}).validate()
+    assert config.method.placeholder_token == "sks" and not hasattr(config.method, "lora_rank")
+    with pytest.raises(ConfigError, match="lora_rank is for lora"):
+        config_from_dict({**BASE, "method": {**old, "lora_rank": 4}})
+    resumed = config_from_dict({**BASE, "method": {**old, "lora_rank": 4}}, other_methods="drop")
+    assert resumed.method == config.method
+
+
+@pytest.mark.parametrize("method, values, message", [
+    ("textual_inversion", {}, "textual inversion learns the trigger"),
+    ("custom_diffusion", {}, "custom diffusion learns the modifier token"),
+    ("visual_encoder", {}, "method.image_encoder is empty: visual_encoder needs"),
+    ("ip_adapter", {"image_encoder": "e", "both_dropout": 1.5}, "method.both_dropout=1.5 is not a probability"),
+    ("break_a_scene", {"bas_phase1_lr": 0}, "method.bas_phase1_lr > 0"),
+])
+def test_each_method_checks_its_own_options(method, values, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({**BASE, "method": {"name": method, **values}}).validate()
+
+
+def test_a_registered_method_is_a_config_choice():
+    """A plug-in method registered with its options is accepted by the config and listed in --help's keys."""
+
+    @dataclasses.dataclass
+    class EchoOptions(MethodOptions):
+        echo_depth: int = dataclasses.field(default=2, metadata={"help": "how deep"})
+
+    class Echo(Method):
+        name = "echo_test"
+        options = EchoOptions
+
+    register(Echo)
+    try:
+        config = config_from_dict({**BASE, "method": {"name": "echo_test", "echo_depth": 3}}).validate()
+        assert config.method.echo_depth == 3 and config.method.name == "echo_test"
+        assert "method (name: echo_test):\n  echo_depth: 2\n      how deep" in describe_keys()
+        with pytest.raises(ConfigError, match="echo_depth is for echo_test, not lora;"):
+            config_from_dict({**BASE, "method": {"echo_depth": 3}})
+    finally:
+        del METHOD_REGISTRY["echo_test"]
+    with pytest.raises(ConfigError, match="method.name='echo_test' is not allowed; choose one of 'lora', "):
+        config_from_dict({**BASE, "method": {"name": "echo_test"}})

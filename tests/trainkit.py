@@ -32,6 +32,8 @@ def tiny_config(model: Path, refs: Path, out: Path, **sections) -> Config:
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
+    if data["method"]["name"] not in ("lora", "break_a_scene"):  # the others have no lora_rank
+        data["method"].pop("lora_rank")
     return config_from_dict(data).validate()
 
 

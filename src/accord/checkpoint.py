@@ -249,7 +249,9 @@ def _apply(path: Path, stored: _Stored, *, method, optimizer, lr_scheduler, conf
            resume_anyway: bool) -> None:
     from .config import config_from_dict, config_to_dict
 
-    saved = config_to_dict(config_from_dict(stored.config))  # keys added since the checkpoint read as their defaults
+    # keys added since the checkpoint read as their defaults; keys of other methods (every method's key was saved
+    # before the method options were split per method) are dropped
+    saved = config_to_dict(config_from_dict(stored.config, other_methods="drop"))
     differing = _differences(saved, config_dict, ignore={("train", "max_steps"), ("train", "output_dir"),
                                                           ("train", "overwrite_output_dir")})
     if differing:

@@ -15,7 +15,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -37,11 +37,7 @@ def _f(default, help: str, choices: tuple | None = None, **kwargs):
 SEED_LIMIT = 10_000_000
 
 BACKBONES = ("auto", "sd", "sdxl", "flux", "sd3")
-METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
-           "break_a_scene")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
-#: methods whose diffusion loss data.masked_loss weighs (Break-A-Scene masks by its subject masks)
-MASKED_LOSS_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder")
 
 
 @dataclass
@@ -101,58 +97,40 @@ class DataConfig:
     keep_phrases: int = _f(0, "with shuffle_phrases: the first N c_g phrases stay in place after c_p (kohya's keep_tokens)")
 
 
+#: the method of a config whose ``method`` section names none
+DEFAULT_METHOD = "lora"
+
+
 @dataclass
-class MethodConfig:
-    name: str = _f("lora", "what is trained", METHODS)
-    train_text_encoder: bool = _f(False, "also train the text encoder(s) (dreambooth, lora)")
-    lora_rank: int = _f(16, "LoRA rank")
-    lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
-    lora_dropout: float = _f(0.0, "LoRA dropout")
-    lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
-    text_lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "out_proj"], "text-encoder modules that get LoRA adapters")
-    placeholder_token: str = _f("<s*>", "textual inversion: the learned token (use it as data.trigger)")
-    initializer_token: str | None = _f(None, "textual inversion / custom diffusion: initialise new tokens from this word; default class_noun")
-    num_vectors: int = _f(1, "textual inversion: vectors per learned token")
-    modifier_token: str = _f("<new1>", "custom diffusion: the modifier token (use it as data.trigger)")
-    train_q_out: bool = _f(False, "custom diffusion: also train to_q and to_out of cross-attention")
-    image_encoder: str = _f(
-        "", "visual_encoder / ip_adapter: a CLIPVisionModelWithProjection (hub id or folder), e.g. "
-        "'openai/clip-vit-large-patch14' or 'h94/IP-Adapter' with image_encoder_subfolder 'models/image_encoder'"
-    )
-    image_encoder_subfolder: str | None = _f(None, "visual_encoder / ip_adapter: subfolder of image_encoder")
-    image_tokens: int = _f(4, "visual_encoder: image tokens the MLP adds to the text tokens (ip_adapter: always 4)")
-    image_dropout: float = _f(0.05, "ip_adapter: probability a sample's image is dropped (zero embedding; for CFG)")
-    text_dropout: float = _f(0.05, "ip_adapter: probability a sample's caption is dropped (empty prompt; for CFG)")
-    both_dropout: float = _f(0.05, "ip_adapter: probability both are dropped")
-    ip_dataset: str | None = _f(
-        None, "ip_adapter: train on a Hugging Face datasets dataset, streamed (a hub id or local path for "
-        "datasets.load_dataset; pip install 'accord[ip]') instead of the data.instance_dir folder; exact resume needs "
-        "the same number of processes"
-    )
-    ip_dataset_split: str = _f("train", "ip_adapter with ip_dataset: the split to stream")
-    ip_image_column: str = _f("image", "ip_adapter with ip_dataset: the image column")
-    ip_caption_column: str = _f("text", "ip_adapter with ip_dataset: the caption column")
-    ip_shuffle_buffer: int = _f(1000, "ip_adapter with ip_dataset: size of the seeded shuffle buffer (1: stream order)")
-    bas_token_prefix: str = _f(
-        "<asset", "break_a_scene: subject tokens (the keys of metadata.jsonl 'masks', one per subject: <asset0>, "
-        "<asset1>, ...) must start with this; the number of subjects is read from the data"
-    )
-    bas_phase1_steps: int = _f(
-        400, "break_a_scene: steps of phase 1 (only the subject tokens train, at bas_phase1_lr); the remaining "
-        "train.max_steps are phase 2 (tokens + UNet LoRA at train.learning_rate; paper: 400 + 400 at 5e-4 / 2e-6)"
-    )
-    bas_phase1_lr: float = _f(5e-4, "break_a_scene: learning rate of the subject tokens in phase 1")
-    bas_attn_weight: float = _f(
-        0.01, "break_a_scene: weight of the cross-attention mask loss (paper lambda_attn: 0.01); 0 skips the capture"
-    )
-    bas_attn_resolution: int | None = _f(
-        None, "break_a_scene: side of the cross-attention maps the mask loss uses (paper: 16 at 512 px); "
-        "default: the UNet's cross-attention side closest to latent side / 4"
-    )
-    bas_union_sampling: bool = _f(
-        True, "break_a_scene: each sample names a random non-empty subset of its subjects and the diffusion loss "
-        "is masked to their union (False: always all subjects)"
-    )
+class MethodOptions:
+    """The ``method:`` section: ``name`` picks a registered method; the other keys are that method's own.
+
+    Each method module defines a subclass with its keys (``_f`` fields with help text) and the checks of
+    its keys against the rest of the config (:meth:`validate`), and sets it as its method class's
+    ``options`` (:func:`accord.methods.base.register`); ``config.method`` is an instance of the chosen one.
+    """
+
+    name: str = _f("", "what is trained: one of the registered methods; each has its own keys, listed under it below")
+    #: data.masked_loss weighs this method's diffusion loss
+    supports_masked_loss: ClassVar[bool] = False
+    #: why data.masked_loss is refused (where it is not supported), after the method's name
+    no_masked_loss: ClassVar[str] = "does not weigh its diffusion loss by masks"
+    #: data.instance_dirs folders may carry their own trigger / class_noun
+    folder_triggers: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        own = type(self).__dict__.get("method_name", "")  # set by accord.methods.base.register
+        if not self.name:
+            self.name = own
+        elif own and self.name != own:
+            raise ConfigError(f"method.name={self.name!r} does not match {type(self).__name__}, the options of {own}")
+
+    def reads_instance_dir(self) -> bool:
+        """Whether the run trains on ``data.instance_dir`` / ``data.instance_dirs`` (not a dataset of its own)."""
+        return True
+
+    def validate(self, config: Config) -> None:
+        """Checks of this method's keys against the rest of ``config`` (called by :meth:`Config.validate`)."""
 
 
 @dataclass
@@ -306,35 +284,31 @@ class TrainConfig:
             raise ConfigError(f"train.log_every={self.log_every} must be at least 1 (a console line every N steps)")
 
 
+def _default_method() -> MethodOptions:
+    from .methods.base import get_method
+
+    return get_method(DEFAULT_METHOD).options()
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodOptions = field(default_factory=_default_method)
     accord: AccordConfig = field(default_factory=AccordConfig)
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
-        """Reject incompatible combinations (peft-style ``__post_init__`` checks, at the edge)."""
+        """Reject incompatible combinations (peft-style ``__post_init__`` checks, at the edge); the method's own
+        checks are its options' :meth:`MethodOptions.validate`."""
         if not self.model.pretrained:
             raise ConfigError("model.pretrained is empty: give a hub id, a local diffusers folder or a .safetensors file")
-        streamed = bool(self.method.ip_dataset)
-        if streamed and self.method.name != "ip_adapter":
-            raise ConfigError(f"method.ip_dataset is for ip_adapter, not {self.method.name}; unset it or use a folder")
-        if not self.data.instance_dir and not self.data.instance_dirs and not streamed:
+        if not self.data.instance_dir and not self.data.instance_dirs and self.method.reads_instance_dir():
             raise ConfigError("data.instance_dir is empty: give the folder of reference images")
-        if self.data.instance_dirs and self.method.name == "ip_adapter":
-            raise ConfigError("data.instance_dirs is not for ip_adapter (it reads one data.instance_dir or "
-                              "method.ip_dataset); unset it")
         from .data.folders import check_data_config
 
         check_data_config(self)
-        if streamed and self.method.ip_shuffle_buffer < 1:
-            raise ConfigError("method.ip_shuffle_buffer must be at least 1 (1: stream order)")
-        if streamed and self.train.cache_latents:
-            raise ConfigError("train.cache_latents with method.ip_dataset: streamed samples are not revisited by index; "
-                              "set train.cache_latents=false")
         if not self.data.class_noun:
             raise ConfigError("data.class_noun is empty: give the superclass noun of the subject, e.g. 'backpack'")
         weights = (("accord.dd_weight", self.accord.dd_weight), ("accord.pd_weight", self.accord.pd_weight),
@@ -352,37 +326,17 @@ class Config:
             section = self.data if key == "resolution" else self.train
             if getattr(section, key) < 1:
                 raise ConfigError(f"{'data' if key == 'resolution' else 'train'}.{key} must be at least 1")
-        if self.method.name == "textual_inversion" and self.data.trigger != self.method.placeholder_token:
-            raise ConfigError(
-                f"data.trigger={self.data.trigger!r} differs from method.placeholder_token="
-                f"{self.method.placeholder_token!r}: textual inversion learns the trigger, set both to the same token"
-            )
-        if self.method.name == "custom_diffusion" and self.data.trigger != self.method.modifier_token:
-            raise ConfigError(
-                f"data.trigger={self.data.trigger!r} differs from method.modifier_token="
-                f"{self.method.modifier_token!r}: custom diffusion learns the modifier token, set both to the same token"
-            )
-        if self.method.name in ("visual_encoder", "ip_adapter"):
-            if not self.method.image_encoder:
-                raise ConfigError(f"method.image_encoder is empty: {self.method.name} needs a CLIPVisionModelWithProjection, "
-                                  "e.g. 'openai/clip-vit-large-patch14'")
-            if self.data.with_prior_preservation:
-                raise ConfigError(f"data.with_prior_preservation: {self.method.name} has no image condition for class "
-                                  "images; set it to false")
-        for key in ("image_dropout", "text_dropout", "both_dropout"):
-            if not 0 <= getattr(self.method, key) <= 1:
-                raise ConfigError(f"method.{key}={getattr(self.method, key)} is not a probability; use 0..1")
-        if self.method.bas_phase1_steps < 0 or self.method.bas_phase1_lr <= 0 or self.method.bas_attn_weight < 0:
-            raise ConfigError("method.bas_phase1_steps and method.bas_attn_weight must be >= 0 and "
-                              "method.bas_phase1_lr > 0")
+        self.method.validate(self)
         d = self.data
         if d.mask_dir and not d.masked_loss:
             raise ConfigError(f"data.mask_dir={d.mask_dir} is set but data.masked_loss is off, so the masks would be "
                               "ignored; set data.masked_loss=true (or unset data.mask_dir)")
-        if d.masked_loss and self.method.name not in MASKED_LOSS_METHODS:
-            raise ConfigError(f"data.masked_loss is for {', '.join(MASKED_LOSS_METHODS)}; {self.method.name} "
-                              + ("masks its loss by its per-subject 'masks'" if self.method.name == "break_a_scene"
-                                 else "trains on an image-caption set without masks") + ": set it to false")
+        if d.masked_loss and not self.method.supports_masked_loss:
+            from .methods.base import method_options
+
+            names = [name for name, cls in method_options().items() if cls.supports_masked_loss]
+            raise ConfigError(f"data.masked_loss is for {', '.join(names)}; {self.method.name} "
+                              f"{self.method.no_masked_loss}: set it to false")
         if not (math.isfinite(d.unmasked_weight) and 0 <= d.unmasked_weight <= 1):
             raise ConfigError(f"data.unmasked_weight={d.unmasked_weight} must be in 0..1 (0: only the masked area "
                               "trains, 1: the mask has no effect)")
@@ -469,7 +423,48 @@ def _unknown(path: str, key: str, allowed: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {where!r}{hint}; allowed here: {', '.join(allowed)}")
 
 
-def config_from_dict(data: dict | None) -> Config:
+def _method_section(raw: dict, other_methods: str) -> MethodOptions:
+    """The ``method`` section as the options of the method it names. A key of another method is refused in one
+    line (it would be ignored), except at that method's default value — the resolved configs saved before the
+    options were split per method hold every method's key at its default — or with ``other_methods='drop'``."""
+    from .methods.base import get_method, method_options
+
+    known = method_options()
+    name = raw.get("name", DEFAULT_METHOD)
+    if not isinstance(name, str) or name not in known:  # the line of any key with choices
+        raise ConfigError(f"method.name={name!r} is not allowed; choose one of {', '.join(map(repr, known))}")
+    cls = get_method(name).options
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = {}
+    for key, value in raw.items():
+        if key == "name":
+            continue
+        if key in fields:
+            values[key] = _coerce(f"method.{key}", value, fields[key], hints[key])
+            continue
+        owners = [other for other, c in known.items() if any(f.name == key for f in dataclasses.fields(c))]
+        if not owners:
+            raise _unknown("method", key, list(fields))
+        if other_methods == "drop" or _is_default(known[owners[0]], key, value):
+            continue
+        raise ConfigError(f"method.{key} is for {' / '.join(owners)}, not {name}; remove it or set "
+                          f"method.name={owners[0]}")
+    return cls(name=name, **values)
+
+
+def _is_default(cls: type, key: str, value: Any) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == key)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    try:
+        return _coerce(f"method.{key}", value, f, typing.get_type_hints(cls)[key]) == default
+    except ConfigError:
+        return False
+
+
+def config_from_dict(data: dict | None, *, other_methods: str = "error") -> Config:
+    """A :class:`Config` from a mapping of sections (not yet validated). ``other_methods='drop'`` ignores keys of
+    methods other than ``method.name`` (for configs saved by older versions: checkpoints being resumed)."""
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(
@@ -484,6 +479,9 @@ def config_from_dict(data: dict | None) -> Config:
         raw = data.get(name) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config section {name!r} must be a mapping of keys, got {type(raw).__name__}")
+        if name == "method":
+            sections[name] = _method_section(raw, other_methods)
+            continue
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
@@ -556,15 +554,30 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return config_from_dict(data).validate()
 
 
+def _describe_fields(cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" [{' | '.join(str(c) for c in choices)}]" if choices else ""
+        lines.append(f"  {f.name}: {default!r}{extra}\n      {f.metadata.get('help', '')}")
+    return lines
+
+
 def describe_keys() -> str:
-    """Every key with its default and meaning (for ``--help-config`` and the docs)."""
+    """Every key with its default and meaning (for ``--help-config`` and the docs); the method keys per method."""
+    from .methods.base import method_options
+
     lines = []
     for name, cls in _section_classes().items():
-        lines.append(f"{name}:")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
-            extra = f" [{' | '.join(str(c) for c in choices)}]" if choices else ""
-            lines.append(f"  {f.name}: {default!r}{extra}\n      {f.metadata.get('help', '')}")
+        if name != "method":
+            lines += [f"{name}:", *_describe_fields(cls)]
+            continue
+        methods = method_options()
+        help = next(f for f in dataclasses.fields(MethodOptions) if f.name == "name").metadata["help"]
+        lines += ["method:", f"  name: {DEFAULT_METHOD!r} [{' | '.join(methods)}]\n      {help}"]
+        for method, options in methods.items():
+            lines += [f"method (name: {method}):", *_describe_fields(options, skip=("name",))]
     return "\n".join(lines)
-

@@ -37,10 +37,9 @@ def read_run_config(folder: str | Path) -> dict:
 
 
 def _methods():
-    from .methods import get_method
-    from .methods.base import METHOD_MODULES
+    from .methods.base import METHOD_REGISTRY, method_names
 
-    return [get_method(name) for name in METHOD_MODULES]
+    return [METHOD_REGISTRY[name] for name in method_names()]
 
 
 def is_trained_output(folder: str | Path) -> bool:

@@ -78,16 +78,15 @@ def check_data_config(config) -> None:
         raise ConfigError(f"data.caption_dropout={d.caption_dropout} is not a probability below 1; use 0..1, e.g. 0.1")
     if d.keep_phrases < 0:
         raise ConfigError(f"data.keep_phrases={d.keep_phrases} is negative; use 0 or the number of phrases kept in place")
-    name = config.method.name
-    if name == "break_a_scene" and (d.caption_dropout or d.shuffle_phrases or d.instance_dirs):
-        raise ConfigError("data.caption_dropout, data.shuffle_phrases and data.instance_dirs are not for break_a_scene "
-                          "(it writes its own prompts from one folder's masks); unset them")
     own = [f for f in d.instance_dirs if f.get("trigger", d.trigger) != d.trigger
            or f.get("class_noun", d.class_noun) != d.class_noun]
     if own:
-        if name not in ("lora", "dreambooth"):
-            raise ConfigError(f"data.instance_dirs: a folder's own trigger/class_noun is for lora or dreambooth; "
-                              f"{name} learns the single data.trigger token, leave them out")
+        if not config.method.folder_triggers:
+            from ..methods.base import method_options
+
+            names = " or ".join(n for n, options in method_options().items() if options.folder_triggers)
+            raise ConfigError(f"data.instance_dirs: a folder's own trigger/class_noun is for {names}; "
+                              f"{config.method.name} learns the single data.trigger token, leave them out")
         uses = [k for k, v in (("accord.pd_weight", config.accord.pd_weight),
                                ("regularizers.sude_weight", config.regularizers.sude_weight),
                                ("regularizers.classdiffusion_weight", config.regularizers.classdiffusion_weight),

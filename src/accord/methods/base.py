@@ -8,39 +8,82 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["Method", "register", "METHOD_REGISTRY", "get_method"]
+from ..config import MethodOptions, _f
 
+__all__ = ["Method", "register", "METHOD_REGISTRY", "get_method", "method_names", "method_options",
+           "TextEncoderOptions"]
+
+#: the methods, by name, in registration order: the one list the config, the CLI, the lab and the docs read
 METHOD_REGISTRY: dict[str, type["Method"]] = {}
-#: built-in methods, imported on first use (heavy imports only where used)
+#: modules of the built-in methods, imported (they register themselves) the first time the registry is read; they
+#: import only torch at the top (diffusers, peft, transformers where used), so this stays light
 METHOD_MODULES = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
                   "break_a_scene")
 
 
 def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: add a method under ``cls.name`` with its options dataclass ``cls.options`` (a subclass of
+    :class:`accord.config.MethodOptions` of its own: the keys of ``method:`` besides ``name``)."""
+    import dataclasses
+
     if not cls.name or cls.name in METHOD_REGISTRY:
         raise ValueError(f"method class {cls.__name__} needs a unique name (got {cls.name!r})")
+    options = cls.options
+    if not (dataclasses.is_dataclass(options) and issubclass(options, MethodOptions)) or options is MethodOptions:
+        raise ValueError(f"method class {cls.__name__} needs options: a dataclass subclassing MethodOptions")
+    if options.__dict__.get("method_name", cls.name) != cls.name:
+        raise ValueError(f"{options.__name__} are already the options of {options.method_name}")
+    options.method_name = cls.name
     METHOD_REGISTRY[cls.name] = cls
     return cls
 
 
-def get_method(name: str) -> type["Method"]:
+def _import_builtins() -> None:
     import importlib
 
-    if name in METHOD_MODULES and name not in METHOD_REGISTRY:
-        importlib.import_module(f"{__package__}.{name}")  # registers the class
+    for module in METHOD_MODULES:
+        importlib.import_module(f"{__package__}.{module}")  # registers the class
+
+
+def method_names() -> list[str]:
+    """Every registered method's name (the built-in ones first, in their order)."""
+    _import_builtins()
+    return list(METHOD_REGISTRY)
+
+
+def method_options() -> dict[str, type[MethodOptions]]:
+    """Each registered method's options class, by name."""
+    _import_builtins()
+    return {name: cls.options for name, cls in METHOD_REGISTRY.items()}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHOD_REGISTRY:
+        _import_builtins()
     if name not in METHOD_REGISTRY:
         from ..errors import ConfigError
 
-        raise ConfigError(f"method.name={name!r} is not known; choose one of {', '.join(sorted(METHOD_REGISTRY))}")
+        raise ConfigError(f"method.name={name!r} is not known; choose one of {', '.join(METHOD_REGISTRY)}")
     return METHOD_REGISTRY[name]
+
+
+@dataclass
+class TextEncoderOptions(MethodOptions):
+    """Options of methods that can also train the text encoders (lora, dreambooth)."""
+
+    train_text_encoder: bool = _f(False, "also train the text encoder(s)")
 
 
 class Method:
     """Base class. ``setup`` freezes the backbone and makes trainable what the method trains."""
 
     name: str = ""
+    #: the dataclass of the ``method:`` keys besides ``name`` (``config.method`` is one of these)
+    options: type[MethodOptions] = MethodOptions
     #: c_p itself is learned (a token embedding): PDLoss applies.
     learns_personal_embedding: bool = False
     #: the text encoders carry gradient (learned tokens or text-encoder training).
@@ -65,12 +108,11 @@ class Method:
     def _check_masks(self) -> None:
         """Masks are never ignored in silence: masked loss without any mask is an error, masks without
         masked loss a warning that says how to use them (read from metadata.jsonl, no image decoded)."""
-        from ..config import MASKED_LOSS_METHODS
         from ..data.references import METADATA_FILE, declared_masks
         from ..errors import DataError
 
         d = self.config.data
-        if self.name not in MASKED_LOSS_METHODS or not d.instance_dir or not Path(d.instance_dir).is_dir():
+        if not self.options.supports_masked_loss or not d.instance_dir or not Path(d.instance_dir).is_dir():
             return
         if not d.masked_loss:
             if not (Path(d.instance_dir) / METADATA_FILE).is_file():

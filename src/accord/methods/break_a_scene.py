@@ -42,14 +42,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..config import _f
+from ..errors import ConfigError
 from .base import Method, load_named_state, named_trainable_state, register
-from .lora import LORA_FILE
-from .textual_inversion import SDXL_KEYS, TI_FILE, LearnedTokens, load_sdxl_embeddings, unload_embeddings
+from .lora import LORA_FILE, LoraAdapterOptions
+from .textual_inversion import (SDXL_KEYS, TI_FILE, LearnedTokenOptions, LearnedTokens, load_sdxl_embeddings,
+                                unload_embeddings)
 
 MANIFEST = "break_a_scene.json"
 
@@ -122,9 +126,46 @@ def subject_maps(maps: list[torch.Tensor], positions: torch.Tensor, size: tuple[
     return picked.transpose(1, 2).unflatten(2, (h, mean.shape[1] // h))
 
 
+@dataclass
+class BreakASceneOptions(LoraAdapterOptions, LearnedTokenOptions):
+    no_masked_loss = "masks its loss by its per-subject 'masks'"
+
+    bas_token_prefix: str = _f(
+        "<asset", "subject tokens (the keys of metadata.jsonl 'masks', one per subject: <asset0>, <asset1>, ...) "
+        "must start with this; the number of subjects is read from the data"
+    )
+    bas_phase1_steps: int = _f(
+        400, "steps of phase 1 (only the subject tokens train, at bas_phase1_lr); the remaining train.max_steps are "
+        "phase 2 (tokens + UNet LoRA at train.learning_rate; paper: 400 + 400 at 5e-4 / 2e-6)"
+    )
+    bas_phase1_lr: float = _f(5e-4, "learning rate of the subject tokens in phase 1")
+    bas_attn_weight: float = _f(
+        0.01, "weight of the cross-attention mask loss (paper lambda_attn: 0.01); 0 skips the capture"
+    )
+    bas_attn_resolution: int | None = _f(
+        None, "side of the cross-attention maps the mask loss uses (paper: 16 at 512 px); default: the UNet's "
+        "cross-attention side closest to latent side / 4"
+    )
+    bas_union_sampling: bool = _f(
+        True, "each sample names a random non-empty subset of its subjects and the diffusion loss is masked to their "
+        "union (False: always all subjects)"
+    )
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        d = config.data
+        if d.caption_dropout or d.shuffle_phrases or d.instance_dirs:
+            raise ConfigError("data.caption_dropout, data.shuffle_phrases and data.instance_dirs are not for "
+                              "break_a_scene (it writes its own prompts from one folder's masks); unset them")
+        if self.bas_phase1_steps < 0 or self.bas_phase1_lr <= 0 or self.bas_attn_weight < 0:
+            raise ConfigError("method.bas_phase1_steps and method.bas_attn_weight must be >= 0 and "
+                              "method.bas_phase1_lr > 0")
+
+
 @register
 class BreakAScene(Method):
     name = "break_a_scene"
+    options = BreakASceneOptions
     output_file = MANIFEST
     lora_files = (LORA_FILE,)
     trains_text = True

@@ -21,10 +21,13 @@ processor's name is what diffusers' ``_process_custom_diffusion`` reads as that 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import _f
+from ..errors import ConfigError
 from .base import Method, load_named_state, named_trainable_state, register
-from .textual_inversion import LearnedTokens, load_embedding_file, unload_embeddings
+from .textual_inversion import LearnedTokenOptions, LearnedTokens, load_embedding_file, unload_embeddings
 
 CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
 
@@ -86,9 +89,25 @@ def load_custom_diffusion_weights(unet, path: Path) -> None:
     unet.set_attn_processor(procs)
 
 
+@dataclass
+class CustomDiffusionOptions(LearnedTokenOptions):
+    supports_masked_loss = True
+
+    modifier_token: str = _f("<new1>", "the modifier token (use it as data.trigger)")
+    train_q_out: bool = _f(False, "also train to_q and to_out of cross-attention")
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        if config.data.trigger != self.modifier_token:
+            raise ConfigError(f"data.trigger={config.data.trigger!r} differs from method.modifier_token="
+                              f"{self.modifier_token!r}: custom diffusion learns the modifier token, set both to the "
+                              "same token")
+
+
 @register
 class CustomDiffusion(Method):
     name = "custom_diffusion"
+    options = CustomDiffusionOptions
     output_file = CD_FILE
     learns_personal_embedding = True
     trains_text = True

@@ -9,14 +9,22 @@ did not train are written as they were held in training (in the ``train.mixed_pr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Method, register
+from .base import Method, TextEncoderOptions, register
+
+
+@dataclass
+class DreamBoothOptions(TextEncoderOptions):
+    supports_masked_loss = True
+    folder_triggers = True
 
 
 @register
 class DreamBooth(Method):
     name = "dreambooth"
+    options = DreamBoothOptions
     output_file = "model_index.json"
 
     def setup(self) -> None:

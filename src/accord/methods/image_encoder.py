@@ -7,10 +7,35 @@ inference feed the encoder the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_image_encoder", "clip_pixels", "image_embeddings", "pil_to_pixels"]
+from ..config import MethodOptions, _f
+from ..errors import ConfigError
+
+__all__ = ["ImageEncoderOptions", "load_image_encoder", "clip_pixels", "image_embeddings", "pil_to_pixels"]
+
+
+@dataclass
+class ImageEncoderOptions(MethodOptions):
+    """Options of the methods conditioned on the reference image (visual_encoder, ip_adapter)."""
+
+    image_encoder: str = _f(
+        "", "a CLIPVisionModelWithProjection (hub id or folder), e.g. 'openai/clip-vit-large-patch14' or "
+        "'h94/IP-Adapter' with image_encoder_subfolder 'models/image_encoder'"
+    )
+    image_encoder_subfolder: str | None = _f(None, "subfolder of image_encoder")
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        if not self.image_encoder:
+            raise ConfigError(f"method.image_encoder is empty: {self.name} needs a CLIPVisionModelWithProjection, "
+                              "e.g. 'openai/clip-vit-large-patch14'")
+        if config.data.with_prior_preservation:
+            raise ConfigError(f"data.with_prior_preservation: {self.name} has no image condition for class "
+                              "images; set it to false")
 
 #: OpenAI CLIP's normalisation (CLIPImageProcessor's defaults)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -35,8 +35,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import _f
+from ..errors import ConfigError
 from .base import Method, register
-from .image_encoder import image_embeddings, load_image_encoder
+from .image_encoder import ImageEncoderOptions, image_embeddings, load_image_encoder
 
 __all__ = ["IPAdapter", "ip_adapter_state"]
 
@@ -89,9 +91,45 @@ def ip_adapter_state(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
+@dataclasses.dataclass
+class IPAdapterOptions(ImageEncoderOptions):
+    no_masked_loss = "trains on an image-caption set without masks"
+
+    image_dropout: float = _f(0.05, "probability a sample's image is dropped (zero embedding; for CFG)")
+    text_dropout: float = _f(0.05, "probability a sample's caption is dropped (empty prompt; for CFG)")
+    both_dropout: float = _f(0.05, "probability both are dropped")
+    ip_dataset: str | None = _f(
+        None, "train on a Hugging Face datasets dataset, streamed (a hub id or local path for datasets.load_dataset; "
+        "pip install 'accord[ip]') instead of the data.instance_dir folder; exact resume needs the same number of "
+        "processes"
+    )
+    ip_dataset_split: str = _f("train", "with ip_dataset: the split to stream")
+    ip_image_column: str = _f("image", "with ip_dataset: the image column")
+    ip_caption_column: str = _f("text", "with ip_dataset: the caption column")
+    ip_shuffle_buffer: int = _f(1000, "with ip_dataset: size of the seeded shuffle buffer (1: stream order)")
+
+    def reads_instance_dir(self) -> bool:
+        return not self.ip_dataset
+
+    def validate(self, config) -> None:
+        if config.data.instance_dirs:
+            raise ConfigError("data.instance_dirs is not for ip_adapter (it reads one data.instance_dir or "
+                              "method.ip_dataset); unset it")
+        if self.ip_dataset and self.ip_shuffle_buffer < 1:
+            raise ConfigError("method.ip_shuffle_buffer must be at least 1 (1: stream order)")
+        if self.ip_dataset and config.train.cache_latents:
+            raise ConfigError("train.cache_latents with method.ip_dataset: streamed samples are not revisited by "
+                              "index; set train.cache_latents=false")
+        super().validate(config)
+        for key in ("image_dropout", "text_dropout", "both_dropout"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"method.{key}={getattr(self, key)} is not a probability; use 0..1")
+
+
 @register
 class IPAdapter(Method):
     name = "ip_adapter"
+    options = IPAdapterOptions
     output_file = IP_FILE
     learns_personal_embedding = True  # the image projection (c_p) is trained: PDLoss applies
     reads_references = False  # an image–caption folder or a streamed dataset (build_dataset)

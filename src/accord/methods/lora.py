@@ -9,19 +9,41 @@ Outputs: ``pytorch_lora_weights.safetensors`` in diffusers format (``pipe.load_l
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .base import Method, register
+from ..config import MethodOptions, _f
+from .base import Method, TextEncoderOptions, register
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 
 
+@dataclass
+class LoraAdapterOptions(MethodOptions):
+    """The UNet / transformer LoRA adapter (lora, break_a_scene's phase 2)."""
+
+    lora_rank: int = _f(16, "LoRA rank")
+    lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
+
+
+@dataclass
+class LoraOptions(LoraAdapterOptions, TextEncoderOptions):
+    supports_masked_loss = True
+    folder_triggers = True
+
+    text_lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "out_proj"],
+                                 "text-encoder modules that get LoRA adapters (with train_text_encoder)")
+
+
 @register
 class LoRA(Method):
     name = "lora"
+    options = LoraOptions
     output_file = LORA_FILE
     families = ("sd", "sdxl", "flux", "sd3")
     lora_files = (LORA_FILE, KOHYA_FILE)

@@ -12,10 +12,13 @@ SDXL format). The token is also kept in the file's metadata (``token``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import MethodOptions, _f
+from ..errors import ConfigError
 from .base import Method, register
 
 TI_FILE = "learned_embeds.safetensors"
@@ -151,9 +154,32 @@ def vector_tokens(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
+@dataclass
+class LearnedTokenOptions(MethodOptions):
+    """Options of methods that learn new token embeddings (textual_inversion, custom_diffusion, break_a_scene)."""
+
+    initializer_token: str | None = _f(None, "initialise the new tokens from this word; default data.class_noun")
+
+
+@dataclass
+class TextualInversionOptions(LearnedTokenOptions):
+    supports_masked_loss = True
+
+    placeholder_token: str = _f("<s*>", "the learned token (use it as data.trigger)")
+    num_vectors: int = _f(1, "vectors per learned token")
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        if config.data.trigger != self.placeholder_token:
+            raise ConfigError(f"data.trigger={config.data.trigger!r} differs from method.placeholder_token="
+                              f"{self.placeholder_token!r}: textual inversion learns the trigger, set both to the "
+                              "same token")
+
+
 @register
 class TextualInversion(Method):
     name = "textual_inversion"
+    options = TextualInversionOptions
     output_file = TI_FILE
     learns_personal_embedding = True
     trains_text = True

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import _f
 from .base import Method, register
-from .image_encoder import image_embeddings, load_image_encoder, pil_to_pixels
+from .image_encoder import ImageEncoderOptions, image_embeddings, load_image_encoder, pil_to_pixels
 
 __all__ = ["VisualEncoder", "VisualProjection", "VisualEncoderAdapter", "generate_with_reference"]
 
@@ -61,9 +62,17 @@ class VisualProjection(torch.nn.Module):
         return self.norm(tokens)
 
 
+@dataclasses.dataclass
+class VisualEncoderOptions(ImageEncoderOptions):
+    supports_masked_loss = True
+
+    image_tokens: int = _f(4, "image tokens the MLP adds to the text tokens")
+
+
 @register
 class VisualEncoder(Method):
     name = "visual_encoder"
+    options = VisualEncoderOptions
     output_file = VE_FILE
     learns_personal_embedding = True  # c_p (the image tokens) is trained: PDLoss applies
 
