@@ -211,6 +211,26 @@ def test_bench_regularizer_names_and_weights():
     assert {"pd", "classdiffusion", "sude"} <= set(settings_for("textual_inversion"))
 
 
+def test_lab_recipes_are_registered_methods(capsys):
+    """The lab's recipes name registered methods with their own keys; the protocol's rows per method stay as they
+    were; a registered method without a recipe is named as such."""
+    from accord.cli import main
+    from accord.config import config_from_dict
+    from accord.lab.runner import METHODS, settings_for
+    from accord.methods.base import method_names
+
+    assert set(METHODS) <= set(method_names())
+    for name, recipe in METHODS.items():
+        assert config_from_dict({"method": recipe["method"]}).method.name == name
+    assert {m: settings_for(m) for m in METHODS} == {
+        "lora": ["none", "dd", "sude"], "dreambooth": ["none", "dd", "prior", "sude"],
+        "textual_inversion": ["none", "dd", "pd", "dd+pd", "sude", "classdiffusion"],
+        "custom_diffusion": ["none", "dd", "pd", "dd+pd", "prior", "sude", "classdiffusion"],
+        "break_a_scene": ["none", "dd"]}
+    assert main(["lab", "bench", "--methods", "ip_adapter", "--output", "unused"]) != 0
+    assert "--methods 'ip_adapter' has no lab recipe" in capsys.readouterr().err
+
+
 def test_bench_refuses_a_regularizer_no_method_takes(capsys):
     from accord.cli import main
 

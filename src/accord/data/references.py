@@ -419,7 +419,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
     * ``caption``, ``personal`` (``c_p``), ``general`` (``c_g``): strings;
     * ``index``: the item's index;
     * ``original_size`` ``(h, w)`` and ``crop_top_left`` ``(top, left)``: int64 ``[2]`` tensors, the
-      SDXL micro-conditions (the crop is given in the resized, flipped frame);
+      SDXL size conditioning (the crop is given in the resized, flipped frame);
     * ``mask``: float32 ``[1, H, W]`` in ``[0, 1]`` — **present only when at least one item has a
       mask**; items without one then get an all-ones mask, so every sample has the same keys and
       batches always collate;

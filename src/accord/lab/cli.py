@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: proves the recipe runs")
     b = sub.add_parser("bench", help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
     b.add_argument("--output", default="accord-lab-bench", help="run folder (report.html, summary.md, runs/)")
-    b.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion", "custom_diffusion", "break_a_scene"])
+    b.add_argument("--methods", nargs="+", help="methods to bench (default: every method with a lab recipe, all but "
+                   "the image-encoder ones)")
     b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, dd-anchored, dd-alignment, dd-composition@WEIGHT are DDLoss's other forms (accord.dd_variant; docs/regularizers.md)")
     b.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
     b.add_argument("--steps", type=int, default=150, help="training steps per run")
@@ -63,9 +64,13 @@ def _bench(args) -> int:
     from .runner import METHODS, Setting, applies, regularizer_config, settings_for
     from .task import SEEDS
 
+    from ..methods.base import method_names
+
+    args.methods = args.methods or list(METHODS)
     for m in args.methods:
         if m not in METHODS:
-            raise AccordError(f"--methods {m!r}: choose from {', '.join(METHODS)}")
+            why = " has no lab recipe (the lab has no image encoder)" if m in method_names() else ""
+            raise AccordError(f"--methods {m!r}{why}: choose from {', '.join(METHODS)}")
     for r in args.regularizers or []:
         regularizer_config(r)  # one-line error for an unknown name
         if not any(applies(r, m) for m in args.methods):

@@ -22,7 +22,9 @@ from .judge import Judge, model_dir, score
 
 __all__ = ["METHODS", "REGULARIZERS", "Setting", "applies", "dependence_terms", "regularizer_config", "run_setting", "settings_for"]
 
-# Per-method recipe (the paper's Sec. 4 hyper-parameters scaled to the lab: lr, trigger, trained parts).
+# Per-method recipe (the paper's Sec. 4 hyper-parameters scaled to the lab: lr, trigger, trained parts), keyed by
+# the registered method's name (accord.methods); the methods conditioned on an image encoder (visual_encoder,
+# ip_adapter) have none: the lab has no image encoder.
 METHODS: dict[str, dict] = {
     "lora": {"method": {"name": "lora", "lora_rank": 8}, "train": {"learning_rate": 1e-3}, "trigger": "sks"},
     "dreambooth": {"method": {"name": "dreambooth"}, "train": {"learning_rate": 2e-4}, "trigger": "sks"},
@@ -48,7 +50,6 @@ REGULARIZERS: dict[str, dict] = {
     "sude": {"regularizers": {"sude_weight": SUDE_WEIGHT}},
     "classdiffusion": {"regularizers": {"classdiffusion_weight": CLASSDIFFUSION_WEIGHT}},
 }
-_PD_METHODS = ("textual_inversion", "custom_diffusion")  # c_p is trainable there
 _PRIOR_METHODS = ("dreambooth", "custom_diffusion")  # the paper's baselines that use class images
 
 
@@ -83,15 +84,18 @@ def regularizer_config(name: str) -> dict:
 
 def settings_for(method: str) -> list[str]:
     """The regularizer settings that apply to ``method``."""
+    from ..methods.base import get_method
+
     regs = ["none", "dd"]
     if method == "break_a_scene":  # its own masked loss; SuDe's class prompts do not fit its union prompts
         return regs
-    if method in _PD_METHODS:
+    trains_personal = get_method(method).learns_personal_embedding  # c_p is trainable: PDLoss applies
+    if trains_personal:
         regs += ["pd", "dd+pd"]
     if method in _PRIOR_METHODS:
         regs.append("prior")
     regs.append("sude")  # SuDe needs only the class word, so every method can take it
-    if method in _PD_METHODS:
+    if trains_personal:
         regs.append("classdiffusion")  # ClassDiffusion needs a trained text side, like PDLoss
     return regs
 
