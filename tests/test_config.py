@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 
 from accord.cli import build_parser
-from accord.config import (Config, ConfigError, MethodOptions, apply_overrides, config_from_dict, config_to_dict,
-                           describe_keys, load_config)
+from accord.config import (
+    Config,
+    ConfigError,
+    MethodOptions,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    describe_keys,
+    load_config,
+)
 from accord.methods.base import METHOD_REGISTRY, Method, get_method, method_options, register
 
 ROOT = Path(__file__).resolve().parents[1]

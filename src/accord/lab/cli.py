@@ -59,12 +59,11 @@ def _pretrain(args) -> int:
 
 def _bench(args) -> int:
     from ..errors import AccordError
+    from ..methods.base import method_names
     from .experiment import run_experiment
     from .report import format_table, summarize
     from .runner import METHODS, Setting, applies, regularizer_config, settings_for
     from .task import SEEDS
-
-    from ..methods.base import method_names
 
     args.methods = args.methods or list(METHODS)
     for m in args.methods:

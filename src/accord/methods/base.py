@@ -6,9 +6,8 @@ A method is registered by name with :func:`register`; the loop only calls the ho
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 

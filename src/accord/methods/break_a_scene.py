@@ -52,8 +52,14 @@ from ..config import _f
 from ..errors import ConfigError
 from .base import Method, load_named_state, named_trainable_state, register
 from .lora import LORA_FILE, LoraAdapterOptions
-from .textual_inversion import (SDXL_KEYS, TI_FILE, LearnedTokenOptions, LearnedTokens, load_sdxl_embeddings,
-                                unload_embeddings)
+from .textual_inversion import (
+    SDXL_KEYS,
+    TI_FILE,
+    LearnedTokenOptions,
+    LearnedTokens,
+    load_sdxl_embeddings,
+    unload_embeddings,
+)
 
 MANIFEST = "break_a_scene.json"
 
