@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -163,16 +164,24 @@ def test_flat_configs_of_older_versions_still_load():
     assert resumed.method == config.method
 
 
-@pytest.mark.parametrize("method, values, message", [
-    ("textual_inversion", {}, "textual inversion learns the trigger"),
-    ("custom_diffusion", {}, "custom diffusion learns the modifier token"),
-    ("visual_encoder", {}, "method.image_encoder is empty: visual_encoder needs"),
-    ("ip_adapter", {"image_encoder": "e", "both_dropout": 1.5}, "method.both_dropout=1.5 is not a probability"),
-    ("break_a_scene", {"bas_phase1_lr": 0}, "method.bas_phase1_lr > 0"),
+@pytest.mark.parametrize("method, values, data, message", [
+    ("textual_inversion", {}, {}, "textual inversion learns the trigger"),
+    ("custom_diffusion", {}, {}, "custom diffusion learns the modifier token"),
+    ("visual_encoder", {}, {}, "method.image_encoder is empty: visual_encoder needs"),
+    ("visual_encoder", {"image_encoder": "e"}, {"with_prior_preservation": True}, "visual_encoder has no image cond"),
+    ("ip_adapter", {"image_encoder": "e", "both_dropout": 1.5}, {}, "method.both_dropout=1.5 is not a probability"),
+    ("ip_adapter", {"image_encoder": "e"}, {"instance_dirs": [{"path": "x"}]}, "data.instance_dirs is not for ip_"),
+    ("ip_adapter", {"image_encoder": "e"}, {"masked_loss": True},
+     "data.masked_loss is for lora, dreambooth, textual_inversion, custom_diffusion, visual_encoder; ip_adapter trains"),
+    ("break_a_scene", {"bas_phase1_lr": 0}, {}, "method.bas_phase1_lr > 0"),
+    ("break_a_scene", {}, {"caption_dropout": 0.1}, "data.caption_dropout, data.shuffle_phrases and data.instance_dirs "
+     "are not for break_a_scene"),
+    ("custom_diffusion", {"modifier_token": "sks"}, {"instance_dirs": [{"path": "x", "trigger": "zwx"}]},
+     "a folder's own trigger/class_noun is for lora or dreambooth; custom_diffusion learns the single"),
 ])
-def test_each_method_checks_its_own_options(method, values, message):
-    with pytest.raises(ConfigError, match=message):
-        config_from_dict({**BASE, "method": {"name": method, **values}}).validate()
+def test_each_method_checks_its_own_options(method, values, data, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({**BASE, "data": {**BASE["data"], **data}, "method": {"name": method, **values}}).validate()
 
 
 def test_a_registered_method_is_a_config_choice():
