@@ -172,7 +172,8 @@ def test_flat_configs_of_older_versions_still_load():
     ("ip_adapter", {"image_encoder": "e", "both_dropout": 1.5}, {}, "method.both_dropout=1.5 is not a probability"),
     ("ip_adapter", {"image_encoder": "e"}, {"instance_dirs": [{"path": "x"}]}, "data.instance_dirs is not for ip_"),
     ("ip_adapter", {"image_encoder": "e"}, {"masked_loss": True},
-     "data.masked_loss is for lora, dreambooth, textual_inversion, custom_diffusion, visual_encoder; ip_adapter trains"),
+     "data.masked_loss is for lora, dreambooth, textual_inversion, custom_diffusion, visual_encoder; ip_adapter "
+     "trains on an image-caption set without masks"),
     ("break_a_scene", {"bas_phase1_lr": 0}, {}, "method.bas_phase1_lr > 0"),
     ("break_a_scene", {}, {"caption_dropout": 0.1}, "data.caption_dropout, data.shuffle_phrases and data.instance_dirs "
      "are not for break_a_scene"),
