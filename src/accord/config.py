@@ -111,6 +111,8 @@ class MethodOptions:
     """
 
     name: str = _f("", "what is trained: one of the registered methods; each has its own keys, listed under it below")
+    #: the method these are the options of (set by register on the subclass)
+    method_name: ClassVar[str] = ""
     #: data.masked_loss weighs this method's diffusion loss
     supports_masked_loss: ClassVar[bool] = False
     #: why data.masked_loss is refused (where it is not supported), after the method's name
