@@ -272,6 +272,28 @@ def test_resume_latest_passes_over_a_damaged_newest_checkpoint(model, refs, trai
     assert json.loads((run / "checkpoints" / "step-000002" / "state.json").read_text())["step"] == 2  # rewritten
 
 
+def test_resume_reads_a_checkpoint_config_with_every_methods_keys(model, refs, trained, tmp_path, caplog):
+    """Checkpoints written before the method options were split per method saved every method's key (a set one
+    too, which the run ignored); resuming one compares only the run's method's keys."""
+    import dataclasses
+
+    from accord.methods.base import method_options
+    from accord.train import train
+
+    run = Ctx(model, refs, tmp_path, trained).copy_run()
+    saved = run / "checkpoints" / "step-000001" / "config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    for options in method_options().values():
+        for f in dataclasses.fields(options):
+            config["method"].setdefault(f.name, f.default if f.default is not dataclasses.MISSING
+                                        else f.default_factory())
+    config["method"]["placeholder_token"] = "<old>"  # set in the old flat config, ignored by its lora run
+    saved.write_text(yaml.safe_dump(config))
+    with caplog.at_level("INFO"):
+        train(tiny_config(model, refs, run, train=TRAIN), resume=str(saved.parent), progress=False)
+    assert any("step-000001 at step 1" in r.getMessage() for r in caplog.records)
+
+
 def test_resume_anyway_continues_on_changed_references(model, tmp_path, caplog):
     from accord.train import train
 
