@@ -71,7 +71,8 @@ def trained(tiny_model_dir, tmp_path_factory, monkeypatch_module):
                 f"model.pretrained={base}", f"data.instance_dir={_references(root, trigger)}", "data.class_noun=backpack",
                 f"data.trigger={trigger}", "data.resolution=32", f"method.name={method}", f"train.output_dir={out}",
                 "train.max_steps=2", "train.batch_size=1", "train.checkpoint_every=0", "train.report_to=none",
-                "train.learning_rate=1e-3", "accord.dd_weight=0.2", *(["method.lora_rank=4"] if method == "lora" else []),
+                "train.learning_rate=1e-3", "accord.dd_weight=0.2",
+                *(["method.lora_rank=4"] if method == "lora" else []),
                 *(["accord.pd_weight=0.002"] if method in ("textual_inversion", "custom_diffusion") else []),
                 *EXTRA.get((method, kind), []),
             ]
