@@ -9,7 +9,8 @@ from accord.config import Config, config_from_dict
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
 
-CAPTIONS = ["1 sks backpack, girl, park", "1 sks backpack, girl, street", "1 sks backpack, table, kitchen", "1 sks backpack"]
+CAPTIONS = ["1 sks backpack, girl, park", "1 sks backpack, girl, street", "1 sks backpack, table, kitchen",
+            "1 sks backpack"]
 
 
 def make_refs(folder: Path, subject: str = "backpack", captions=CAPTIONS) -> Path:

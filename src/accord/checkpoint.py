@@ -51,11 +51,13 @@ def find_checkpoint(output_dir: Path, which: str) -> Path:
     if which == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise AccordError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; start without --resume")
+            raise AccordError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; "
+                              "start without --resume")
         return found[-1]
     path = Path(which)
     if not (path / "state.json").is_file():
-        raise AccordError(f"--resume {which}: not a checkpoint folder (no state.json); use 'latest' or a checkpoints/step-N folder")
+        raise AccordError(f"--resume {which}: not a checkpoint folder (no state.json); "
+                          "use 'latest' or a checkpoints/step-N folder")
     return path
 
 

@@ -26,7 +26,8 @@ def image_grid(images, rows: int, cols: int):
 def write_validation_grid(config, backbone, path: Path, accelerator=None, images_per_prompt: int = 2) -> Path:
     """One row per validation prompt, seeded so that grids of different steps are comparable."""
     t = config.train
-    prompts = [fill_prompt(p, config) for p in t.validation_prompts] or [f"a {config.data.trigger} {config.data.class_noun}"]
+    prompts = ([fill_prompt(p, config) for p in t.validation_prompts]
+               or [f"a {config.data.trigger} {config.data.class_noun}"])
     pipe = backbone.pipeline()
     images = []
     autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
@@ -45,5 +46,6 @@ def write_validation_grid(config, backbone, path: Path, accelerator=None, images
             if tracker.name == "tensorboard":
                 import numpy as np
 
-                tracker.writer.add_image("validation", np.asarray(grid), int(path.stem.split("-")[-1]), dataformats="HWC")
+                tracker.writer.add_image("validation", np.asarray(grid), int(path.stem.split("-")[-1]),
+                                         dataformats="HWC")
     return path
