@@ -293,13 +293,14 @@ class BreakAScene(Method):
             written.append(output_dir / f"{token}.safetensors")
         lora = None
         if self.phase2:
-            from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
+
+            from .lora import unet_lora_layers
 
             unet = self._unet()
             self.backbone.pipeline_class.save_lora_weights(
                 output_dir, safe_serialization=True,
-                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                unet_lora_layers=unet_lora_layers(get_peft_model_state_dict(unet), self.config.method),
                 unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
             lora = LORA_FILE
             written.append(output_dir / LORA_FILE)

@@ -45,6 +45,15 @@ def lora_config(method_config, targets, conv: bool = False):
                       use_dora=m.lora_variant == "dora", use_rslora=m.lora_variant == "rslora")
 
 
+def unet_lora_layers(peft_state: dict, method_config) -> dict:
+    """A UNet's peft LoRA state as ``save_lora_weights`` gets it: diffusers' key names, or with
+    ``method.lora_conv_rank`` peft's own (diffusers' converter renames only the attention projections, and
+    ``load_lora_weights`` reads a file of mixed names as peft's, so the renamed ones would not load)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return peft_state if method_config.lora_conv_rank else convert_state_dict_to_diffusers(peft_state)
+
+
 def kohya_alphas(module, name) -> dict[str, float]:
     """``{kohya module name: alpha}`` for each peft LoRA layer of ``module``, with ``name(peft module path)`` the
     kohya name: alpha = peft's scale x rank, so kohya/ComfyUI's alpha / rank gives the trained scale for every
@@ -98,7 +107,7 @@ class LoRA(Method):
         modules = self.unwrapped_modules()
         denoiser = get_peft_model_state_dict(modules[0])
         if self.backbone.denoiser_name == "unet":  # transformers keep peft keys, as diffusers' flux/sd3 scripts do
-            denoiser = convert_state_dict_to_diffusers(denoiser)
+            denoiser = unet_lora_layers(denoiser, self.config.method)
         layers = {f"{self.backbone.denoiser_name}_lora_layers": denoiser}
         if self.trains_text:
             names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
