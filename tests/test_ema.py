@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainkit import tiny_config
 
 from accord.config import config_from_dict
 from accord.errors import ConfigError
-from trainkit import tiny_config
 
 CKPT = {"checkpoint_every": 1, "checkpoints_total_limit": None, "batch_size": 1}
 

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainkit import header, tiny_config
 
 from accord.config import config_from_dict
 from accord.errors import ConfigError
 from accord.methods.lora import KOHYA_FILE, LORA_FILE
-from trainkit import header, tiny_config
 
 VARIANTS = {
     "dora": {"lora_variant": "dora"},
