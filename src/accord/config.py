@@ -40,6 +40,10 @@ BACKBONES = ("auto", "sd", "sdxl", "flux", "sd3")
 METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
            "break_a_scene")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
+#: method.lora_variant: peft LoraConfig plain, use_dora, use_rslora
+LORA_VARIANTS = ("lora", "dora", "rslora")
+#: methods that train a peft LoRA (method.lora_* keys)
+LORA_METHODS = ("lora", "break_a_scene")
 #: methods whose diffusion loss data.masked_loss weighs (Break-A-Scene masks by its subject masks)
 MASKED_LOSS_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder")
 
@@ -109,6 +113,16 @@ class MethodConfig:
     lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
+    lora_variant: str = _f(
+        "lora", "lora, break_a_scene: 'lora' (scale alpha/rank), 'dora' (peft's DoRA: a learned magnitude per output "
+        "row; no lora_kohya.safetensors, see docs/config.md) or 'rslora' (rank-stabilised, scale alpha/sqrt(rank); the "
+        "kohya file's alpha is alpha*sqrt(rank), which kohya/ComfyUI's alpha/rank turns into the same scale)",
+        LORA_VARIANTS)
+    lora_conv_rank: int = _f(
+        0, "lora, break_a_scene on sd/sdxl: LoRA rank of the UNet's convolutions too (LoCon: the ResNet blocks' conv1, "
+        "conv2, conv_shortcut and the down/upsamplers' conv; kohya's conv_dim); 0: attention only")
+    lora_conv_alpha: float | None = _f(None, "alpha of the convolution LoRA (kohya's conv_alpha); default: "
+                                       "lora_conv_rank")
     text_lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "out_proj"], "text-encoder modules that get LoRA adapters")
     placeholder_token: str = _f("<s*>", "textual inversion: the learned token (use it as data.trigger)")
     initializer_token: str | None = _f(None, "textual inversion / custom diffusion: initialise new tokens from this word; default class_noun")
@@ -267,6 +281,11 @@ class TrainConfig:
     validation_guidance: float = _f(7.5, "classifier-free guidance of validation samples")
     log_every: int = _f(10, "console log every N steps")
     report_to: str = _f("tensorboard", "logger for accelerate", ("tensorboard", "none"))
+    ema_decay: float = _f(
+        0.0, "exponential moving average of the trained weights (e.g. 0.9999; diffusers' EMAModel): the outputs, "
+        "final and in checkpoints, are the EMA weights; the decay applied at update n is min(ema_decay, n/(n+9)) "
+        "(the first update copies the weights); 0: off")
+    ema_on_cpu: bool = _f(False, "with ema_decay: keep the EMA copy in CPU memory (the update runs there)")
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite losses in a row (each one's step is skipped)")
     dataloader_workers: int = _f(0, "data loader worker processes")
 
@@ -302,6 +321,14 @@ class TrainConfig:
         from .optim import check_optimizer_config
 
         check_optimizer_config(self)
+        if not (math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise ConfigError(f"train.ema_decay={self.ema_decay} is outside [0, 1); use 0 (off) or e.g. 0.9999")
+        if self.ema_on_cpu and not self.ema_decay:
+            raise ConfigError("train.ema_on_cpu is set but train.ema_decay=0 (EMA off); set train.ema_decay, e.g. "
+                              "0.9999, or unset train.ema_on_cpu")
+        if self.ema_decay and self.optimizer == "adamw_schedulefree":
+            raise ConfigError("train.ema_decay with train.optimizer=adamw_schedulefree: schedule-free already saves "
+                              "its averaged weights (x); set train.ema_decay=0 or choose another optimizer")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every={self.log_every} must be at least 1 (a console line every N steps)")
 
@@ -375,6 +402,20 @@ class Config:
         if self.method.bas_phase1_steps < 0 or self.method.bas_phase1_lr <= 0 or self.method.bas_attn_weight < 0:
             raise ConfigError("method.bas_phase1_steps and method.bas_attn_weight must be >= 0 and "
                               "method.bas_phase1_lr > 0")
+        m = self.method
+        if m.name not in LORA_METHODS and (m.lora_variant != "lora" or m.lora_conv_rank):
+            key = f"method.lora_variant={m.lora_variant}" if m.lora_variant != "lora" else \
+                f"method.lora_conv_rank={m.lora_conv_rank}"
+            raise ConfigError(f"{key} is for the LoRA methods ({', '.join(LORA_METHODS)}), not {m.name}; unset it")
+        if m.lora_conv_rank < 0:
+            raise ConfigError(f"method.lora_conv_rank={m.lora_conv_rank} is negative; use 0 (no conv LoRA) or a rank, "
+                              "e.g. 8")
+        if m.lora_conv_alpha is not None and not m.lora_conv_rank:
+            raise ConfigError(f"method.lora_conv_alpha={m.lora_conv_alpha} is set but method.lora_conv_rank=0 (no conv "
+                              "LoRA); set method.lora_conv_rank, e.g. 8, or unset method.lora_conv_alpha")
+        if m.lora_conv_alpha is not None and not (math.isfinite(m.lora_conv_alpha) and m.lora_conv_alpha > 0):
+            raise ConfigError(f"method.lora_conv_alpha={m.lora_conv_alpha} must be a positive number, or null for "
+                              "method.lora_conv_rank")
         d = self.data
         if d.mask_dir and not d.masked_loss:
             raise ConfigError(f"data.mask_dir={d.mask_dir} is set but data.masked_loss is off, so the masks would be "

@@ -20,6 +20,7 @@ import torch
 from .backbones import load_backbone
 from .checkpoint import CONFIG_FILE, list_checkpoints, resume_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
+from .ema import make_ema
 from .errors import AccordError, ConfigError
 from .methods import get_method
 from .monitor import TermsMonitor
@@ -174,13 +175,14 @@ class Trainer:
 
     ``batches``/``class_batches`` give micro-batch ``(step, micro)`` through ``get``. :meth:`step` runs the
     micro-batches through :func:`accord.step.run_step`, whose schedule runs the backward passes through
-    :meth:`backward`, then clips, steps the optimizer and the learning-rate schedule.
+    :meth:`backward`, then clips, steps the optimizer and the learning-rate schedule, and updates ``ema``
+    (:class:`accord.ema.Ema`, ``train.ema_decay``) where there is one.
     """
 
     def __init__(self, config: Config, accelerator, backbone, method, optimizer, lr_scheduler, batches,
-                 class_batches=None):
+                 class_batches=None, ema=None):
         self.config, self.accelerator, self.backbone, self.method = config, accelerator, backbone, method
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.optimizer, self.lr_scheduler, self.ema = optimizer, lr_scheduler, ema
         self.batches, self.class_batches = batches, class_batches
         self.params = method.parameters()
         self.text = TextCache(backbone, enabled=not method.trains_text)
@@ -229,6 +231,9 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step()
+        if self.ema is not None:
+            self.ema.update()
+            logs["ema_decay"] = self.ema.decay
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         return logs
 
@@ -284,10 +289,11 @@ def _setup(config: Config, resume: str | None, resume_anyway: bool) -> _Run:
     _rebind(backbone, method, prepared[:-1])
 
     start_step, references, state = 0, _fingerprint(config, items), {}
+    ema = make_ema(config, method.parameters())  # train.ema_decay
     if resume is not None:
         ckpt, state = resume_checkpoint(out, resume, method=method, optimizer=_inner(optimizer),
                                         lr_scheduler=lr_scheduler, config_dict=config_dict, references=references,
-                                        resume_anyway=resume_anyway)
+                                        resume_anyway=resume_anyway, ema=ema)
         start_step = state["step"]
         logger.info("resumed from %s at step %d", ckpt, start_step)
     if accelerator.is_main_process:
@@ -299,7 +305,7 @@ def _setup(config: Config, resume: str | None, resume_anyway: bool) -> _Run:
     batches = _Batches(dataset, t.batch_size, t.seed, rank, world, t.gradient_accumulation_steps)
     class_batches = (_Batches(class_set, t.batch_size, t.seed + 1, rank, world, t.gradient_accumulation_steps)
                      if class_set is not None else None)
-    trainer = Trainer(config, accelerator, backbone, method, optimizer, lr_scheduler, batches, class_batches)
+    trainer = Trainer(config, accelerator, backbone, method, optimizer, lr_scheduler, batches, class_batches, ema)
     # Eq. 7's terms and the gradient shares: window means in train_summary.json, and the inert/falling warnings.
     monitor = TermsMonitor(config.accord.dd_weight, config.accord.dd_scale)
     monitor.load_state_dict(state.get("monitor"))
@@ -342,7 +348,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
         if main and t.validation_every and done % t.validation_every == 0:
             from .validation import write_validation_grid
 
-            with eval_copy(trainer.optimizer):
+            with eval_copy(trainer.optimizer), _averaged(trainer.ema):
                 write_validation_grid(config, trainer.backbone, out / "samples" / f"step-{done:06d}.png",
                                       accelerator=accelerator)
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.max_steps:
@@ -352,7 +358,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
                     save_checkpoint(out, done, method=trainer.method, optimizer=_inner(trainer.optimizer),
                                     lr_scheduler=trainer.lr_scheduler, config_dict=run.config_dict,
                                     extra={"nonfinite": nonfinite, "references": run.references,
-                                           "monitor": monitor.state_dict()}, keep=t.checkpoints_total_limit)
+                                           "monitor": monitor.state_dict()}, keep=t.checkpoints_total_limit,
+                                    ema=trainer.ema)
     bar.close()
     set_mode(trainer.optimizer, training=False)  # from here on the weights are schedule-free's x (what is saved)
     return _finish(run, nonfinite)
@@ -380,7 +387,8 @@ def _finish(run: _Run, nonfinite: int) -> Path:
     if len(set(checksums)) > 1:
         logger.warning("processes ended with different weights: %s", checksums)
     if accelerator.is_main_process:
-        written = method.save(out)
+        with _averaged(run.trainer.ema):  # train.ema_decay: the outputs are the averaged weights
+            written = method.save(out)
         summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": accelerator.num_processes,
                    "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
                    "outputs": [p.name for p in written], "eq7": run.monitor.trajectory,
@@ -399,6 +407,11 @@ def _finish(run: _Run, nonfinite: int) -> Path:
                           f"weights of step {t.max_steps - nonfinite}, the last good one; lower train.learning_rate or "
                           "use bf16 instead of fp16")
     return out
+
+
+def _averaged(ema):
+    """Inside: the trained parameters hold ``ema``'s averaged weights (nothing without one)."""
+    return ema.applied() if ema is not None else contextlib.nullcontext()
 
 
 def _fingerprint(config: Config, items) -> dict | None:
