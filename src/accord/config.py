@@ -64,6 +64,12 @@ class ModelConfig:
         None, "FLUX/SD3: T5 tokens per prompt (default: the pipeline's, 512 for FLUX.1-dev, 256 for FLUX.1-schnell "
         "and SD3); fewer train faster when captions are short (accord generate reads it from the run)"
     )
+    quantize: str = _f(
+        "none", "store the frozen base in fewer bits, LoRA on top in full precision (method lora only): int8 is "
+        "torchao's weight-only int8 of the denoiser and T5 (CPU and GPU; pip install 'accord[quant]'), nf4 is "
+        "bitsandbytes' 4-bit NormalFloat applied at load (CUDA GPU only; pip install 'accord[bnb]'); docs/memory.md",
+        ("none", "int8", "nf4")
+    )
 
 
 @dataclass
@@ -388,6 +394,9 @@ class Config:
                               "trains, 1: the mask has no effect)")
         if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
             raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
+        from .quantize import check_quantize_config
+
+        check_quantize_config(self)
         self.train.validate()
         return self
 

@@ -151,12 +151,18 @@ def build_model(config: Config, accelerator):
     dtype on the accelerator's device, trained parameters in float32 (as diffusers' scripts do)."""
     t = config.train
     torch.manual_seed(t.seed)
-    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip)
+    from .quantize import is_quantized, quantize_frozen
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip,
+                             compute_dtype=weight_dtype)
+    quantize_frozen(backbone, config.model.quantize, weight_dtype, accelerator.device)  # before LoRA wraps the layers
     method = get_method(config.method.name)(config, backbone)
     method.setup()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
     for module in backbone.frozen_modules():
-        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+        # a quantized module is already in the autocast dtype (and diffusers refuses to cast a 4-bit one)
+        cast = weight_dtype != torch.float32 and not is_quantized(module)
+        module.to(accelerator.device, **({"dtype": weight_dtype} if cast else {}))
     for p in method.parameters():
         p.data = p.data.float()
     if t.gradient_checkpointing:
