@@ -272,7 +272,11 @@ class TrainConfig:
     validation_steps: int = _f(25, "inference steps of validation samples")
     validation_guidance: float = _f(7.5, "classifier-free guidance of validation samples")
     log_every: int = _f(10, "console log every N steps")
-    report_to: str = _f("tensorboard", "logger for accelerate", ("tensorboard", "none"))
+    report_to: str = _f(
+        "tensorboard", "where the step scalars (loss, eq7_*, share_*, lr) and validation grids go, through "
+        "accelerate's trackers: TensorBoard event files in output_dir/logs, Weights & Biases (pip install "
+        "'accord[wandb]'; WANDB_MODE=offline works without network, the run is kept in output_dir/logs/wandb "
+        "unless WANDB_DIR is set), or nothing", ("tensorboard", "wandb", "none"))
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite losses in a row (each one's step is skipped)")
     dataloader_workers: int = _f(0, "data loader worker processes")
 
@@ -308,6 +312,12 @@ class TrainConfig:
         from .optim import check_optimizer_config
 
         check_optimizer_config(self)
+        if self.report_to == "wandb":
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("train.report_to=wandb needs wandb: pip install wandb (or pip install "
+                                  "'accord[wandb]'), or set train.report_to=tensorboard")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every={self.log_every} must be at least 1 (a console line every N steps)")
 
