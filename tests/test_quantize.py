@@ -107,3 +107,22 @@ def test_nf4_without_gpu_is_one_line(tiny_model_dir, refs, tmp_path):
     with pytest.raises(ConfigError, match=r"model.quantize=nf4 needs a CUDA GPU .* use model.quantize=int8") as err:
         load_backbone(config.validate().model)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family, components", [("flux", ["transformer", "text_encoder_2"]),
+                                                ("sd3", ["transformer", "text_encoder_3"]), ("sdxl", ["unet"])])
+def test_nf4_asks_diffusers_for_bitsandbytes_nf4_of_the_frozen_parts(family, components, monkeypatch):
+    """What nf4 hands DiffusionPipeline.from_pretrained (a GPU run is needed to load it; none was lent here)."""
+    pytest.importorskip("bitsandbytes")
+    import diffusers.quantizers  # noqa: F401  (imported before CUDA is faked: torchao probes the device on import)
+
+    from accord.quantize import pipeline_quantization
+
+    assert pipeline_quantization("int8", family, torch.bfloat16) is None  # int8 is applied after loading
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    quantization = pipeline_quantization("nf4", family, torch.bfloat16)
+    assert quantization.components_to_quantize == components
+    for name in components:
+        resolved = quantization._resolve_quant_config(is_diffusers=not name.startswith("text"), module_name=name)
+        assert resolved.load_in_4bit and resolved.bnb_4bit_quant_type == "nf4"
+        assert resolved.bnb_4bit_compute_dtype == torch.bfloat16
