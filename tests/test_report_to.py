@@ -14,6 +14,16 @@ RUN = {"max_steps": 2, "validation_every": 2, "validation_steps": 1}
 EQ7 = ("eq7_personal", "eq7_general", "eq7_null", "eq7_shift")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_wandb():
+    """wandb keeps its settings (WANDB_MODE included) process-wide from its first run: start each test afresh."""
+    import sys
+
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+
+
 def _wandb_records(path: Path) -> list:
     """The records of a ``.wandb`` file, decoded with wandb's own protobuf ``Record``. wandb 0.31 ships no Python
     reader (its Go core writes the file), so this walks the container: a 7-byte header (``:W&B``, magic, version),
