@@ -76,8 +76,13 @@ def quantize_frozen(backbone, mode: str, dtype: torch.dtype, device) -> None:
     nf4 was applied at load time; other modes do nothing."""
     if mode != "int8":
         return
+    import warnings
+
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
+    # peft warns, once per run, that its torchao LoRA layers cannot merge; accord never merges them (the LoRA file
+    # is saved apart and loads into the unquantized model).
+    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without", category=UserWarning)
     for module in quantized_targets(backbone):
         module.to(dtype=dtype)
         quantize_(module, Int8WeightOnlyConfig(), device=device)
