@@ -152,12 +152,18 @@ def build_model(config: Config, accelerator):
     dtype on the accelerator's device, trained parameters in float32 (as diffusers' scripts do)."""
     t = config.train
     torch.manual_seed(t.seed)
-    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip)
+    from .quantize import is_quantized, quantize_frozen
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip,
+                             compute_dtype=weight_dtype)
+    quantize_frozen(backbone, config.model.quantize, weight_dtype, accelerator.device)  # before LoRA wraps the layers
     method = get_method(config.method.name)(config, backbone)
     method.setup()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
     for module in backbone.frozen_modules():
-        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+        # a quantized module is already in the autocast dtype (and diffusers refuses to cast a 4-bit one)
+        cast = weight_dtype != torch.float32 and not is_quantized(module)
+        module.to(accelerator.device, **({"dtype": weight_dtype} if cast else {}))
     for p in method.parameters():
         p.data = p.data.float()
     if t.gradient_checkpointing:
@@ -299,8 +305,7 @@ def _setup(config: Config, resume: str | None, resume_anyway: bool) -> _Run:
     if accelerator.is_main_process:
         write_config(out / CONFIG_FILE, config_dict)
         if t.report_to != "none":
-            accelerator.init_trackers("accord", config={f"{s}.{k}": str(v) for s, sec in config_dict.items()
-                                                        for k, v in sec.items()})
+            _init_trackers(accelerator, t.report_to, out, config_dict)
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = _Batches(dataset, t.batch_size, t.seed, rank, world, t.gradient_accumulation_steps)
     class_batches = (_Batches(class_set, t.batch_size, t.seed + 1, rank, world, t.gradient_accumulation_steps)
@@ -310,6 +315,27 @@ def _setup(config: Config, resume: str | None, resume_anyway: bool) -> _Run:
     monitor = TermsMonitor(config.accord.dd_weight, config.accord.dd_scale)
     monitor.load_state_dict(state.get("monitor"))
     return _Run(accelerator, out, trainer, monitor, config_dict, references, start_step)
+
+
+def _init_trackers(accelerator, report_to: str, out: Path, config_dict: dict) -> None:
+    """accelerate's tracker for ``train.report_to``; a wandb run goes to ``out/logs`` unless ``WANDB_DIR`` is set."""
+    import os
+
+    init_kwargs = {}
+    if report_to == "wandb":
+        init_kwargs["wandb"] = {"name": out.name}
+        if not os.environ.get("WANDB_DIR"):
+            (out / "logs").mkdir(parents=True, exist_ok=True)
+            init_kwargs["wandb"]["dir"] = str(out / "logs")
+    flat = {f"{s}.{k}": str(v) for s, sec in config_dict.items() for k, v in sec.items()}
+    try:
+        accelerator.init_trackers("accord", config=flat, init_kwargs=init_kwargs)
+    except Exception as exc:  # wandb without a login or network: one line, not wandb's traceback
+        if report_to != "wandb":
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"train.report_to=wandb: wandb could not start ({first}); run `wandb login`, or set "
+                          "WANDB_MODE=offline to keep the run on disk (wandb sync uploads it later)") from None
 
 
 def train(config: Config, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> Path:
