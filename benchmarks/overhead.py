@@ -65,9 +65,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from accord.backbones.base import Backbone  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 VARIANTS = ("plain", "off", "fast", "lean", "fast-dd1", "fast-share")
@@ -89,8 +89,8 @@ SD15_UNET = dict(
     act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), center_input_sample=False,
     cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                                "DownBlock2D"),
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
-    norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
@@ -98,8 +98,9 @@ SDXL_UNET = dict(
     act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
     attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280), center_input_sample=False,
     cross_attention_dim=2048, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
-    norm_eps=1e-5, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4,
+    projection_class_embeddings_input_dim=2816, sample_size=128,
     transformer_layers_per_block=(1, 2, 10), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     use_linear_projection=True,
 )
@@ -318,8 +319,8 @@ class Bench:
             pixels = torch.rand(case.batch, 3, case.size, case.size, generator=g) * 2 - 1
         else:
             pixels = torch.randn(case.batch, 4, case.size, case.size, generator=g).to(device)
-        self.batch = {"pixel_values": pixels, "index": torch.arange(case.batch), "caption": captions, "personal": [p for p, _ in split],
-                      "general": [q for _, q in split]}
+        self.batch = {"pixel_values": pixels, "index": torch.arange(case.batch), "caption": captions,
+                      "personal": [p for p, _ in split], "general": [q for _, q in split]}
         # the plain reference pre-computes its text embeddings once (diffusers' --pre_compute_text_embeddings)
         with torch.no_grad():
             self.plain_cond = backbone.encode_prompts(captions)
@@ -431,7 +432,7 @@ def measure(bench: Bench, variants, warmup: int, steps: int, rounds: int, log=pr
             return None
 
     for v in variants:  # warm-up (allocator, autocast caches, optimizer state, text cache)
-        guarded(v, lambda: [bench.step(v) for _ in range(warmup)])
+        guarded(v, lambda v=v: [bench.step(v) for _ in range(warmup)])
     _sync(device)
     for r in range(rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternate who runs first
@@ -443,7 +444,7 @@ def measure(bench: Bench, variants, warmup: int, steps: int, rounds: int, log=pr
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
 
-            def block():
+            def block(v=v):
                 for _ in range(steps):
                     _sync(device)
                     t0 = time.perf_counter()
@@ -457,7 +458,8 @@ def measure(bench: Bench, variants, warmup: int, steps: int, rounds: int, log=pr
 
             guarded(v, block)
         log(f"  round {r + 1}/{rounds}: " + "  ".join(
-            f"{v} {1000 * statistics.median(times[v]):.1f} ms" if times[v] and v not in oom else f"{v} OOM" for v in variants))
+            f"{v} {1000 * statistics.median(times[v]):.1f} ms" if times[v] and v not in oom else f"{v} OOM"
+            for v in variants))
     base = "off" if "off" in variants else variants[0]
     nan = float("nan")
     ok = lambda v: bool(times[v]) and v not in oom  # noqa: E731
@@ -498,7 +500,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     head = ["case", "variant", "ms/step (median)", "min-max ms", "× (b)"] + (["peak GiB", "mem × (b)"] if cuda else [])
     body = []
     for r in rows:
-        line = [r["case"], r["label"], f"{r['ms']:.1f}", f"{r['ms_min']:.0f}-{r['ms_max']:.0f}", f"{r['time_ratio']:.2f}"]
+        line = [r["case"], r["label"], f"{r['ms']:.1f}", f"{r['ms_min']:.0f}-{r['ms_max']:.0f}",
+                f"{r['time_ratio']:.2f}"]
         if cuda:
             line += [f"{r['peak_bytes'] / 2**30:.2f}", f"{r['mem_ratio']:.2f}"]
         body.append(line)
@@ -545,7 +548,8 @@ def append_results(path: Path, rows: list[dict], device: torch.device, settings:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", action="store_true", help="real-size SD1.5 full fine-tune + SDXL LoRA-64 (needs CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--cases", nargs="+", default=None, metavar="CASE",
@@ -562,7 +566,8 @@ def parse_args(argv=None):
                    help="torch CPU threads (default 1 on the CPU: on a shared machine more threads than free cores "
                         "make OpenMP spin and steps 10-50x slower at random, which ruins ratios)")
     p.add_argument("--append-results", nargs="?", const=str(RESULTS), default=None, metavar="PATH",
-                   help=f"append a dated section to PATH (default {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})")
+                   help="append a dated section to PATH (default "
+                        f"{RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -613,7 +618,8 @@ def main(argv=None, cases: list[Case] | None = None) -> dict:
         log(line)
     if args.append_results:
         settings = (f"{'real-size, random weights' if args.real else 'tiny random SD'}; batch {cases[0].batch}; "
-                    f"DDLoss weight {DD_WEIGHT}; warm-up {warmup}, {rounds} rounds x {steps} steps per variant, median; "
+                    f"DDLoss weight {DD_WEIGHT}; warm-up {warmup}, {rounds} rounds x {steps} steps per variant, "
+                    "median; "
                     f"command: `python benchmarks/overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
         append_results(Path(args.append_results), rows, device, settings,
                        (load0, load1) if load0 is not None and device.type == "cpu" else None)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from trainkit import make_refs, photo, tiny_config
 
 from accord.checkpoint import list_checkpoints
 from accord.cli import main
 from accord.config import config_to_dict
-from trainkit import DREAMBENCH, make_refs, tiny_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TRAIN = {"max_steps": 2, "checkpoint_every": 1, "checkpoints_total_limit": None}
@@ -124,7 +124,7 @@ def _changed_references(c: Ctx):
 
     refs = make_refs(c.tmp / "refs")
     out = train(tiny_config(c.model, refs, c.tmp / "run", train={**TRAIN, "max_steps": 1}), progress=False)
-    shutil.copy(DREAMBENCH / "backpack" / "04.jpg", refs / "01.jpg")
+    shutil.copy(photo("backpack", 4), refs / "01.jpg")
     return ["train", c.config(out, refs), "--resume", "latest", "--no-progress"]
 
 

@@ -48,7 +48,8 @@ def test_tiny_lora_reports_every_variant(overhead, tmp_path):
                             "--quiet", "--append-results", str(out)])
     _check(result, overhead.VARIANTS, ["tiny SD lora"])
     text = out.read_text()
-    assert text.startswith("# header\n") and "CPU:" in text and "| tiny SD lora | (d) accord DDLoss, mode=lean |" in text
+    assert (text.startswith("# header\n") and "CPU:" in text
+            and "| tiny SD lora | (d) accord DDLoss, mode=lean |" in text)
 
 
 def test_cases_flag_names_every_tiny_case(overhead):

@@ -59,9 +59,10 @@ def run(tiny_model_dir, tmp_path_factory):
 
     mp.setattr(train_module, "run_step", step)
     mp.setattr(BreakAScene, "before_optimizer_step", hook)
-    overrides = [f"model.pretrained={base}", f"data.instance_dir={refs}", "data.class_noun=object", "data.resolution=32",
-                 "method.name=break_a_scene", "method.bas_phase1_steps=2", "method.bas_phase1_lr=5e-3",
-                 "method.lora_rank=4", f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=1",
+    overrides = [f"model.pretrained={base}", f"data.instance_dir={refs}", "data.class_noun=object",
+                 "data.resolution=32", "method.name=break_a_scene", "method.bas_phase1_steps=2",
+                 "method.bas_phase1_lr=5e-3", "method.lora_rank=4", f"train.output_dir={out}", "train.max_steps=4",
+                 "train.batch_size=1",
                  "train.checkpoint_every=0", "train.report_to=none", "train.learning_rate=1e-4", "accord.dd_weight=0.2"]
     try:
         train_module.train(load_config(None, overrides), progress=False)
@@ -198,9 +199,10 @@ def test_sdxl_trains_both_encoders_and_loads_in_the_stock_pipeline(tiny_model_di
     from accord.inference import load_trained
 
     refs, out, base = _scene(tmp_path / "refs"), tmp_path / "out", tiny_model_dir("sdxl")
-    overrides = [f"model.pretrained={base}", f"data.instance_dir={refs}", "data.class_noun=object", "data.resolution=32",
-                 "method.name=break_a_scene", "method.bas_phase1_steps=1", "method.bas_phase1_lr=5e-2",
-                 "method.lora_rank=4", f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=1",
+    overrides = [f"model.pretrained={base}", f"data.instance_dir={refs}", "data.class_noun=object",
+                 "data.resolution=32", "method.name=break_a_scene", "method.bas_phase1_steps=1",
+                 "method.bas_phase1_lr=5e-2", "method.lora_rank=4", f"train.output_dir={out}", "train.max_steps=2",
+                 "train.batch_size=1",
                  "train.checkpoint_every=0", "train.report_to=none", "train.learning_rate=1e-3", "accord.dd_weight=0.2"]
     parts, real_step = [], train_module.run_step
 
@@ -219,14 +221,16 @@ def test_sdxl_trains_both_encoders_and_loads_in_the_stock_pipeline(tiny_model_di
     assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (2, dims[0]), "clip_g": (2, dims[1])}
     tokens = json.loads((out / "break_a_scene.json").read_text())["tokens"]
     assert tokens == TOKENS and (out / "pytorch_lora_weights.safetensors").is_file()
-    pipe.load_textual_inversion(list(state["clip_l"]), token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(list(state["clip_l"]), token=tokens, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(list(state["clip_g"]), token=tokens, text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)
     pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
     single = load_file(out / "<asset1>.safetensors")
     assert torch.equal(single["clip_g"], state["clip_g"][1:2])
     # the learned rows moved away from the initializer ("object") in both encoders
-    for encoder, tokenizer, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"), (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):
+    for encoder, tokenizer, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"),
+                                    (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):
         init = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("object")]
         assert all((state[key][i] - init).abs().max() > 0 for i in range(2)), key
 

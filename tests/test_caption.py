@@ -29,7 +29,8 @@ def _run(argv):
 def test_template_mode_writes_sidecars_and_keeps_existing(tmp_path, capsys):
     folder = _folder(tmp_path)
     (folder / "01.txt").write_text("my own caption, 1 sks dog\n")
-    assert _run([str(folder), "--trigger", "sks", "--class", "dog", "--template", "--phrase", "on grass", "--no-progress"]) == 0
+    assert _run([str(folder), "--trigger", "sks", "--class", "dog", "--template", "--phrase", "on grass",
+                 "--no-progress"]) == 0
     assert (folder / "00.txt").read_text() == "1 sks dog, on grass\n"
     assert (folder / "01.txt").read_text() == "my own caption, 1 sks dog\n"  # never overwritten
     assert "skipped 1" in capsys.readouterr().out

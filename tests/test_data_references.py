@@ -119,7 +119,7 @@ def test_metadata_may_omit_caption_and_use_sidecar(folder):
     photo(folder / "00.png")
     photo(folder / "01.png")
     (folder / "00.txt").write_text("a sks cat, sofa")
-    write_metadata(folder, {"file_name": "00.png", "general": []}, 
+    write_metadata(folder, {"file_name": "00.png", "general": []},
                    {"file_name": "01.png", "caption": "a sks cat, sofa"})
     items = scan_references(folder, "sks", "cat")
     assert [(it.personal, it.general) for it in items] == [("a sks cat", ""), ("a sks cat", "sofa")]

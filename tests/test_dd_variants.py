@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from trainkit import tiny_config
 
 from accord.losses import dd_loss, dd_variant_loss
-from trainkit import tiny_config
 
 # Flow grid of 4 steps, shift 1, timestep 2: Eq. 7's k = (m·c_out)²/(2σ̃²) = 1 and t/T = 0.5 (see
 # test_losses_unit.py's FLOW_PINNED), so on scale "sum" each variant is 0.5 × its bracket.
@@ -150,8 +150,8 @@ def _step(config):
     batch = _Batches(dataset, 2, 0, 0, 1, 1).get(0, 0)
     calls = []
     backbone.denoiser.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    losses = run_step(config, backbone, method, TextCache(backbone, True), batch, None, torch.Generator().manual_seed(3),
-                      "backpack", backward=lambda loss, last: loss.backward() or True)
+    losses = run_step(config, backbone, method, TextCache(backbone, True), batch, None,
+                      torch.Generator().manual_seed(3), "backpack", backward=lambda loss, last: loss.backward() or True)
     grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
     return losses, grads, calls
 

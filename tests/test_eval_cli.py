@@ -76,7 +76,8 @@ def test_dreambench_prompts_fill_token_and_class(dreambench):
     dog = [p for p in prompts if p.subject == "dog"]
     assert dog[0].prompt == "a <new1> dog in the jungle"
     assert dog[10].prompt == "a <new1> dog wearing a red hat"  # live-subject list
-    assert [p for p in prompts if p.subject == "backpack"][10].prompt == "a <new1> backpack with a wheat field in the background"
+    assert ([p for p in prompts if p.subject == "backpack"][10].prompt
+            == "a <new1> backpack with a wheat field in the background")
     assert len(dog[0].references) == 5
     with pytest.raises(DataError, match="not in"):
         dreambench_prompts(dreambench, ["unicorn"])
@@ -117,7 +118,8 @@ def test_eval_end_to_end_on_tiny_pipeline(tmp_path, tiny_model_dir, dreambench, 
     # the same images, scored again from the folder: same numbers
     again = tmp_path / "again"
     assert _run(["--images", str(out / "images"), "--data", str(dreambench), "--subjects", "backpack,dog",
-                 "--max-prompts", "2", "--metrics", "clip_i,dino_i", "--out", str(again), *_model_flags(metric_dirs)]) == 0
+                 "--max-prompts", "2", "--metrics", "clip_i,dino_i", "--out", str(again),
+                 *_model_flags(metric_dirs)]) == 0
     with (again / "scores.csv").open() as f:
         rescored = list(csv.DictReader(f))
     for a, b in zip(rows, rescored):
@@ -159,10 +161,12 @@ def test_best_step_over_checkpoints(tmp_path, tiny_model_dir, dreambench, metric
     for step, seed in ((100, 0), (200, 1)):
         ckpt = run_dir / "checkpoints" / f"step-{step:06d}"
         ckpt.mkdir(parents=True)
-        save_file({"<s1>": torch.randn(32, generator=torch.Generator().manual_seed(seed))}, str(ckpt / "learned_embeds.safetensors"))
+        save_file({"<s1>": torch.randn(32, generator=torch.Generator().manual_seed(seed))},
+                  str(ckpt / "learned_embeds.safetensors"))
     out = tmp_path / "best"
     argv = ["--model", str(run_dir), "--data", str(dreambench), "--subjects", "dog", "--max-prompts", "2", *FAST,
-            "--metrics", "clip_t,dino_i", "--best-step", "0.5*clip_t+0.5*dino_i", "--out", str(out), *_model_flags(metric_dirs)]
+            "--metrics", "clip_t,dino_i", "--best-step", "0.5*clip_t+0.5*dino_i", "--out", str(out),
+            *_model_flags(metric_dirs)]
     assert _run(argv) == 0
     result = json.loads((out / "best_step.json").read_text())
     with (out / "best_step.csv").open() as f:
@@ -185,14 +189,15 @@ def test_eval_and_best_step_on_a_custom_diffusion_run(tmp_path, tiny_model_dir, 
     base pipeline and unloaded again leaves the base model's images."""
     import numpy as np
     from PIL import Image
+    from trainkit import make_refs, tiny_config
 
     from accord.eval.pipelines import generate, load_adapters, load_pipeline, unload_adapters
     from accord.train import train
-    from trainkit import make_refs, tiny_config
 
     base = tiny_model_dir("sd")
     out = tmp_path / "run"
-    train(tiny_config(base, make_refs(tmp_path / "refs", captions=["1 <new1> backpack, park"] * 2), out, method={"name": "custom_diffusion"},
+    train(tiny_config(base, make_refs(tmp_path / "refs", captions=["1 <new1> backpack, park"] * 2), out,
+                      method={"name": "custom_diffusion"},
                       data={"trigger": "<new1>"}, train={"max_steps": 2, "batch_size": 1, "checkpoint_every": 1}),
           progress=False)
 

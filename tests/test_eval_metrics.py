@@ -112,7 +112,8 @@ def test_masks_hide_everything_outside_the_subject(clip, dino):
         masked = metric.score([a, b], ref, masks=[mask, mask])
         assert masked[0].item() == pytest.approx(masked[1].item(), abs=1e-4)
     # a segmenter callable does the same, for generated images and references alike
-    for metric in (CLIPImageSimilarity(clip=clip, segmenter=lambda im: mask), DINOSimilarity(dino=dino, segmenter=lambda im: mask)):
+    for metric in (CLIPImageSimilarity(clip=clip, segmenter=lambda im: mask),
+                   DINOSimilarity(dino=dino, segmenter=lambda im: mask)):
         via_segmenter = metric.score([a, b], ref)
         assert via_segmenter[0].item() == pytest.approx(via_segmenter[1].item(), abs=1e-4)
 

@@ -83,7 +83,8 @@ def test_ip_adapter_trains_and_loads_with_stock_diffusers(kind, tiny_model_dir, 
     pipe = pipeline.from_pretrained(str(model), image_encoder=tiny_image_encoder())
     assert state["image_proj.proj.weight"].shape == (4 * pipe.unet.config.cross_attention_dim, 32)
     cross = [n for n in pipe.unet.attn_processors if n.endswith("attn2.processor")]
-    assert sorted({int(k.split(".")[1]) for k in state if k.startswith("ip_adapter.")}) == list(range(1, 2 * len(cross), 2))
+    assert (sorted({int(k.split(".")[1]) for k in state if k.startswith("ip_adapter.")})
+            == list(range(1, 2 * len(cross), 2)))
     pipe.load_ip_adapter(str(out), subfolder="", weight_name=IP_FILE)
     loaded = pipe.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.weight
     assert torch.equal(loaded, state["image_proj.proj.weight"])
@@ -95,7 +96,8 @@ def test_ip_adapter_trains_and_loads_with_stock_diffusers(kind, tiny_model_dir, 
     from trainkit import run_readme
 
     info = json.loads((out / "ip_adapter.json").read_text())
-    assert info["image_encoder_path"] == str(encoder_dir.resolve()) and info["image_encoder_path"] in (out / "README.md").read_text()
+    assert (info["image_encoder_path"] == str(encoder_dir.resolve())
+            and info["image_encoder_path"] in (out / "README.md").read_text())
     readme_pipe = run_readme(out)["pipe"]
     assert readme_pipe.image_encoder is not None
     assert torch.equal(readme_pipe.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.weight,

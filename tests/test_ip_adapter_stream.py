@@ -95,4 +95,5 @@ def test_ip_dataset_is_only_for_ip_adapter(tiny_model_dir, stream_dir, tmp_path)
     from accord.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ip_dataset is for ip_adapter"):
-        tiny_config(tiny_model_dir("sd"), "", tmp_path, data={"instance_dir": ""}, method={"ip_dataset": str(stream_dir)})
+        tiny_config(tiny_model_dir("sd"), "", tmp_path, data={"instance_dir": ""},
+                    method={"ip_dataset": str(stream_dir)})

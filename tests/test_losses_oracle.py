@@ -30,8 +30,8 @@ a within-condition spread that is of the *same* order in the step as Δ itself, 
 consistent estimate of the per-step change: its median relative error here is 25–95 %. It still
 moves with the exact change (correlation 0.92–0.97 in this world at the tested t; 0.70–0.99 over
 other worlds tried: weaker separation, or an interaction term in μ_(1,1), lowers it), and Eq. 7 plus
-the spread term reproduces the exact change to correlation > 0.9999, median relative error < 3 %. The library implements Eq. 7 as the paper
-writes it; a model that predicts only a conditional mean cannot supply ``V_c``.
+the spread term reproduces the exact change to correlation > 0.9999, median relative error < 3 %. The library
+implements Eq. 7 as the paper writes it; a model that predicts only a conditional mean cannot supply ``V_c``.
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ def test_reference_scale_is_sudes_on_the_sd_schedule():
     preds = [torch.randn(3, 4, 8, 8, dtype=torch.float64) for _ in range(4)]
     t = torch.tensor([50, 500, 999])
     coef1 = scheduler.betas.double()[t] * acp[t - 1].sqrt() / (1 - acp[t])
-    assert (1 / coef1[0]).item() == pytest.approx(45.07, abs=0.01) and (1 / coef1[2]).item() == pytest.approx(1207.7, abs=0.1)
+    assert ((1 / coef1[0]).item() == pytest.approx(45.07, abs=0.01)
+            and (1 / coef1[2]).item() == pytest.approx(1207.7, abs=0.1))
     _, mean_parts = dd_loss(*preds, sample=preds[0], timesteps=t, scheduler=scheduler, scale="mean")
     _ = _.mean()  # per sample -> the batch mean
     loss, parts = dd_loss(*preds, sample=preds[0], timesteps=t, scheduler=scheduler)

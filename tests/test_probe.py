@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from trainkit import tiny_config
 
 from accord.monitor import TermsMonitor
-from trainkit import tiny_config
 
 
 def _check_point(p: dict) -> None:

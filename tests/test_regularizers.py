@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from trainkit import tiny_config as _tiny
 
 from accord.config import RegularizerConfig
 from accord.errors import ConfigError
 from accord.losses import classdiffusion_loss, sude_loss
-from trainkit import tiny_config as _tiny
 
 
 def tiny_config(model, refs, out, regularizers=None, **sections):

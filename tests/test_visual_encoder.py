@@ -34,7 +34,8 @@ def test_visual_encoder_trains_loads_and_generates(kind, tiny_model_dir, encoder
     from accord.methods.visual_encoder import VE_FILE, generate_with_reference
 
     model = tiny_model_dir(kind)
-    cfg = tiny_config(model, refs, tmp_path / "out", method={"name": "visual_encoder", "image_encoder": str(encoder_dir)},
+    cfg = tiny_config(model, refs, tmp_path / "out",
+                      method={"name": "visual_encoder", "image_encoder": str(encoder_dir)},
                       accord={"dd_weight": 0.2, "pd_weight": 0.002}, train={"max_steps": 2, "checkpoint_every": 1})
     out = train(cfg, progress=False)
 
@@ -70,8 +71,8 @@ def test_stock_recipe_in_the_docs_matches_generate_with_reference(tiny_model_dir
     from accord.methods.visual_encoder import VisualEncoder, generate_with_reference
 
     model = tiny_model_dir("sd")
-    cfg = tiny_config(model, refs, tmp_path / "out", method={"name": "visual_encoder", "image_encoder": str(encoder_dir)},
-                      train={"max_steps": 2})
+    cfg = tiny_config(model, refs, tmp_path / "out",
+                      method={"name": "visual_encoder", "image_encoder": str(encoder_dir)}, train={"max_steps": 2})
     out = train(cfg, progress=False)
     doc = (Path(__file__).resolve().parents[1] / "docs" / "image-encoders.md").read_text()
     snippet = re.search(r"<!-- stock-recipe -->\n```python\n(.*?)```", doc, re.S).group(1)
@@ -85,7 +86,8 @@ def test_stock_recipe_in_the_docs_matches_generate_with_reference(tiny_model_dir
     exec(compile(snippet, "image-encoders.md", "exec"), scope)
     VisualEncoder.load_into(pipe, out)
     expected = generate_with_reference(pipe, scope["REFERENCE"], scope["PROMPT"], num_inference_steps=3, height=32,
-                                       width=32, guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
+                                       width=32, guidance_scale=7.5,
+                                       generator=torch.Generator().manual_seed(0)).images[0]
     a, b = np.asarray(scope["image"], dtype=int), np.asarray(expected, dtype=int)
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
     # the tokens matter: the same call without them draws another image

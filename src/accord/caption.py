@@ -54,13 +54,15 @@ def _noun(class_noun: str) -> str:
     return noun
 
 
-def template_caption(trigger: str, class_noun: str, phrases: Sequence[str] = (), template: str = DEFAULT_TEMPLATE) -> str:
+def template_caption(trigger: str, class_noun: str, phrases: Sequence[str] = (),
+                     template: str = DEFAULT_TEMPLATE) -> str:
     """``"1 sks dog, on grass"`` from the template and optional extra phrases (deterministic)."""
     trigger_pattern(trigger)
     try:
         head = template.format(trigger=trigger.strip(), class_noun=_noun(class_noun))
     except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"--template {template!r}: bad placeholder ({exc}); use {{trigger}} and {{class_noun}}") from None
+        raise ConfigError(f"--template {template!r}: bad placeholder ({exc}); "
+                          "use {trigger} and {class_noun}") from None
     caption = join_phrases(split_phrases(", ".join([head, *phrases])))
     if not trigger_pattern(trigger).search(caption):
         raise ConfigError(f"--template {template!r} does not contain {{trigger}}; captions must hold the trigger")
@@ -90,7 +92,8 @@ def clean_caption(text: str, trigger: str, class_noun: str) -> str:
 class VLMCaptioner:
     """``captioner(image, instruction) -> text`` over a transformers image-text-to-text model."""
 
-    def __init__(self, model: str = DEFAULT_VLM, device: str = "cpu", dtype=None, max_new_tokens: int = 60, *, built=None):
+    def __init__(self, model: str = DEFAULT_VLM, device: str = "cpu", dtype=None, max_new_tokens: int = 60, *,
+                 built=None):
         """``built=(model, processor)`` injects an already built pair (tests, custom loading)."""
         if built is None:
             from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -102,7 +105,8 @@ class VLMCaptioner:
             except Exception as exc:
                 first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                 raise ModelLoadError(
-                    f"cannot load captioning model {model!r} ({first}); offline? pass a local transformers folder as --model DIR"
+                    f"cannot load captioning model {model!r} ({first}); "
+                    "offline? pass a local transformers folder as --model DIR"
                 ) from None
             built = (net, processor)
         self.model, self.processor = built[0].to(device).eval(), built[1]
@@ -110,7 +114,8 @@ class VLMCaptioner:
 
     def _inputs(self, image, instruction: str):
         if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": instruction}]}]
+            messages = [{"role": "user",
+                         "content": [{"type": "image", "image": image}, {"type": "text", "text": instruction}]}]
             return self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
             ), True
@@ -172,11 +177,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="folder of reference images; captions go beside them as <stem>.txt")
     parser.add_argument("--trigger", required=True, help="trigger token, e.g. sks or <new1>")
     parser.add_argument("--class", dest="class_noun", required=True, help="class noun of the subject, e.g. dog")
-    parser.add_argument("--model", default=DEFAULT_VLM, help="vision-language model: hub id or local folder (default: %(default)s)")
-    parser.add_argument("--prompt", default=APPENDIX_O_PROMPT, help="instruction; {tag} becomes the class noun (default: paper Appendix O)")
+    parser.add_argument("--model", default=DEFAULT_VLM,
+                        help="vision-language model: hub id or local folder (default: %(default)s)")
+    parser.add_argument("--prompt", default=APPENDIX_O_PROMPT,
+                        help="instruction; {tag} becomes the class noun (default: paper Appendix O)")
     parser.add_argument("--template", nargs="?", const=DEFAULT_TEMPLATE, default=None,
-                        help=f"no model: caption every image with this template (default when given bare: {DEFAULT_TEMPLATE!r})")
-    parser.add_argument("--phrase", action="append", default=[], dest="phrases", help="extra phrase appended to each caption (repeatable)")
+                        help="no model: caption every image with this template "
+                             f"(default when given bare: {DEFAULT_TEMPLATE!r})")
+    parser.add_argument("--phrase", action="append", default=[], dest="phrases",
+                        help="extra phrase appended to each caption (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing .txt captions")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="VLM answer length limit (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -3,7 +3,8 @@
 Layout of ``OUTPUT/checkpoints/step-000100/``: the method's stock-format outputs (so each
 checkpoint can be evaluated or loaded like a final result), ``trainable.safetensors`` (the trained
 tensors), ``optimizer.safetensors`` + ``optimizer.json`` (state tensors and the rest),
-``state.json`` (step, scheduler state) and ``config.yaml`` (the resolved config). A checkpoint is
+``state.json`` (step, scheduler state), ``config.yaml`` (the resolved config) and, with ``train.ema_decay``,
+``ema.safetensors`` (the moving average; the stock-format outputs are then its weights). A checkpoint is
 built in a temporary folder and renamed into place, so a kill never leaves half of one; a write that fails
 (disk full, file-size limit) removes the temporary folder and names the last good checkpoint. Resuming reads
 every file before applying any: ``--resume latest`` passes over a damaged newest checkpoint to the previous
@@ -13,6 +14,7 @@ photos is refused unless asked for (``--resume-anyway``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -35,6 +37,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "resume_checkpoint", "find_chec
 logger = logging.getLogger("accord.checkpoint")
 
 CONFIG_FILE = "config.yaml"
+EMA_FILE = "ema.safetensors"
 _PREFIX = "step-"
 
 
@@ -51,11 +54,13 @@ def find_checkpoint(output_dir: Path, which: str) -> Path:
     if which == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise AccordError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; start without --resume")
+            raise AccordError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; "
+                              "start without --resume")
         return found[-1]
     path = Path(which)
     if not (path / "state.json").is_file():
-        raise AccordError(f"--resume {which}: not a checkpoint folder (no state.json); use 'latest' or a checkpoints/step-N folder")
+        raise AccordError(f"--resume {which}: not a checkpoint folder (no state.json); "
+                          "use 'latest' or a checkpoints/step-N folder")
     return path
 
 
@@ -89,8 +94,9 @@ def _optimizer_from_files(optimizer, tensors: dict[str, torch.Tensor], meta: dic
 
 
 def save_checkpoint(output_dir: Path, step: int, *, method, optimizer, lr_scheduler, config_dict: dict, extra: dict,
-                    keep: int | None) -> Path:
-    """Write ``checkpoints/step-N`` atomically and prune to ``keep`` newest. Main process only."""
+                    keep: int | None, ema=None) -> Path:
+    """Write ``checkpoints/step-N`` atomically and prune to ``keep`` newest. Main process only. With ``ema``
+    (:class:`accord.ema.Ema`) its state is kept and the outputs are written from the averaged weights."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:06d}"
@@ -100,11 +106,15 @@ def save_checkpoint(output_dir: Path, step: int, *, method, optimizer, lr_schedu
     tensors, meta = _optimizer_to_files(optimizer)
     try:
         tmp.mkdir()
-        method.save(tmp)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            method.save(tmp)
         save_file(trainable, str(tmp / "trainable.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         state = {"step": step, "lr_scheduler": lr_scheduler.state_dict(), **extra}
+        if ema is not None:
+            save_file(ema.state_tensors(), str(tmp / EMA_FILE))
+            state["ema"] = ema.state()
         (tmp / "state.json").write_text(json.dumps(state))
         write_config(tmp / CONFIG_FILE, config_dict)
     except (OSError, SafetensorError) as exc:  # disk full, a file-size limit, ...: keep the last good checkpoint
@@ -157,6 +167,7 @@ class _Stored:
     optimizer: dict[str, torch.Tensor]
     optimizer_meta: dict
     state: dict
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def _read(path: Path) -> _Stored:
@@ -189,8 +200,9 @@ def _read(path: Path) -> _Stored:
     meta = mapping("optimizer.json", json.loads, "JSON")
     if not {"param_groups", "scalars"} <= set(meta):
         raise damaged("optimizer.json", "lacks param_groups or scalars")
+    ema = tensors(EMA_FILE) if "ema" in state else None
     return _Stored(mapping(CONFIG_FILE, yaml.safe_load, "YAML"), tensors("trainable.safetensors"),
-                   tensors("optimizer.safetensors"), meta, state)
+                   tensors("optimizer.safetensors"), meta, state, ema)
 
 
 def _step_of(path: Path) -> int | None:
@@ -228,37 +240,47 @@ def _pick(output_dir: Path, which: str) -> tuple[Path, _Stored]:
 
 
 def resume_checkpoint(output_dir: Path, which: str, *, method, optimizer, lr_scheduler, config_dict: dict,
-                      references: dict | None = None, resume_anyway: bool = False) -> tuple[Path, dict]:
+                      references: dict | None = None, resume_anyway: bool = False, ema=None) -> tuple[Path, dict]:
     """Find, check and restore the checkpoint ``--resume`` names; returns its path and ``state.json``."""
     path, stored = _pick(output_dir, which)
     _apply(path, stored, method=method, optimizer=optimizer, lr_scheduler=lr_scheduler, config_dict=config_dict,
-           references=references, resume_anyway=resume_anyway)
+           references=references, resume_anyway=resume_anyway, ema=ema)
     return path, stored.state
 
 
 def load_checkpoint(path: Path, *, method, optimizer, lr_scheduler, config_dict: dict, references: dict | None = None,
-                    resume_anyway: bool = False) -> dict:
-    """Restore trained tensors, optimizer and scheduler; refuse a checkpoint of a different config or references."""
+                    resume_anyway: bool = False, ema=None) -> dict:
+    """Restore trained tensors, optimizer and scheduler (and ``ema``); refuse a checkpoint of a different config or
+    references."""
     stored = _read(Path(path))
     _apply(Path(path), stored, method=method, optimizer=optimizer, lr_scheduler=lr_scheduler, config_dict=config_dict,
-           references=references, resume_anyway=resume_anyway)
+           references=references, resume_anyway=resume_anyway, ema=ema)
     return stored.state
 
 
 def _apply(path: Path, stored: _Stored, *, method, optimizer, lr_scheduler, config_dict: dict, references: dict | None,
-           resume_anyway: bool) -> None:
+           resume_anyway: bool, ema=None) -> None:
     from .config import config_from_dict, config_to_dict
 
     # keys added since the checkpoint read as their defaults; keys of other methods (every method's key was saved
     # before the method options were split per method) are dropped
     saved = config_to_dict(config_from_dict(stored.config, other_methods="drop"))
     differing = _differences(saved, config_dict, ignore={("train", "max_steps"), ("train", "output_dir"),
-                                                          ("train", "overwrite_output_dir")})
+                                                          ("train", "overwrite_output_dir"), ("train", "ema_on_cpu")})
     if differing:
         shown = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in differing[:4])
         raise ConfigError(f"--resume {path}: the config differs from the checkpoint's ({shown}); "
                           "resume with the same config or start a new output_dir")
     _check_references(path, stored.state.get("references"), references, resume_anyway)
+    if ema is not None:  # the same config: its checkpoints were written with the EMA
+        if stored.ema is None:
+            raise CheckpointError(f"{path / EMA_FILE} is missing (train.ema_decay is on); resume from another "
+                                  "checkpoint or start a new output_dir")
+        try:
+            ema.load(stored.ema, stored.state["ema"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path / EMA_FILE} does not match the trained parameters ({exc}); resume from "
+                                  "another checkpoint or start a new output_dir") from None
     method.load_trainable_state(stored.trainable)
     _optimizer_from_files(optimizer, stored.optimizer, stored.optimizer_meta)
     lr_scheduler.load_state_dict(stored.state["lr_scheduler"])

@@ -60,6 +60,12 @@ class ModelConfig:
         None, "FLUX/SD3: T5 tokens per prompt (default: the pipeline's, 512 for FLUX.1-dev, 256 for FLUX.1-schnell "
         "and SD3); fewer train faster when captions are short (accord generate reads it from the run)"
     )
+    quantize: str = _f(
+        "none", "store the frozen base in fewer bits, LoRA on top in full precision (method lora only): int8 is "
+        "torchao's weight-only int8 of the denoiser and T5 (CPU and GPU; pip install 'accord[quant]'), nf4 is "
+        "bitsandbytes' 4-bit NormalFloat applied at load (CUDA GPU only; pip install 'accord[bnb]'); docs/memory.md",
+        ("none", "int8", "nf4")
+    )
 
 
 @dataclass
@@ -246,7 +252,16 @@ class TrainConfig:
     validation_steps: int = _f(25, "inference steps of validation samples")
     validation_guidance: float = _f(7.5, "classifier-free guidance of validation samples")
     log_every: int = _f(10, "console log every N steps")
-    report_to: str = _f("tensorboard", "logger for accelerate", ("tensorboard", "none"))
+    report_to: str = _f(
+        "tensorboard", "where the step scalars (loss, eq7_*, share_*, lr) and validation grids go, through "
+        "accelerate's trackers: TensorBoard event files in output_dir/logs, Weights & Biases (pip install "
+        "'accord[wandb]'; WANDB_MODE=offline works without network, the run is kept in output_dir/logs/wandb "
+        "unless WANDB_DIR is set), or nothing", ("tensorboard", "wandb", "none"))
+    ema_decay: float = _f(
+        0.0, "exponential moving average of the trained weights (e.g. 0.9999; diffusers' EMAModel): the outputs, "
+        "final and in checkpoints, are the EMA weights; the decay applied at update n is min(ema_decay, n/(n+9)) "
+        "(the first update copies the weights); 0: off")
+    ema_on_cpu: bool = _f(False, "with ema_decay: keep the EMA copy in CPU memory (the update runs there)")
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite losses in a row (each one's step is skipped)")
     dataloader_workers: int = _f(0, "data loader worker processes")
 
@@ -282,6 +297,20 @@ class TrainConfig:
         from .optim import check_optimizer_config
 
         check_optimizer_config(self)
+        if not (math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise ConfigError(f"train.ema_decay={self.ema_decay} is outside [0, 1); use 0 (off) or e.g. 0.9999")
+        if self.ema_on_cpu and not self.ema_decay:
+            raise ConfigError("train.ema_on_cpu is set but train.ema_decay=0 (EMA off); set train.ema_decay, e.g. "
+                              "0.9999, or unset train.ema_on_cpu")
+        if self.ema_decay and self.optimizer == "adamw_schedulefree":
+            raise ConfigError("train.ema_decay with train.optimizer=adamw_schedulefree: schedule-free already saves "
+                              "its averaged weights (x); set train.ema_decay=0 or choose another optimizer")
+        if self.report_to == "wandb":
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("train.report_to=wandb needs wandb: pip install wandb (or pip install "
+                                  "'accord[wandb]'), or set train.report_to=tensorboard")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every={self.log_every} must be at least 1 (a console line every N steps)")
 
@@ -344,6 +373,9 @@ class Config:
                               "trains, 1: the mask has no effect)")
         if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
             raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
+        from .quantize import check_quantize_config
+
+        check_quantize_config(self)
         self.train.validate()
         return self
 

@@ -74,7 +74,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50, help="inference steps (paper: DDIM 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (paper: 7.5)")
-    parser.add_argument("--scheduler", choices=("ddim", "model"), default="ddim", help="DDIM, or the model's own scheduler")
+    parser.add_argument("--scheduler", choices=("ddim", "model"), default="ddim",
+                        help="DDIM, or the model's own scheduler")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--seed", type=int, default=0)

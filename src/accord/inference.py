@@ -74,7 +74,8 @@ def load_base(source: str | Path, *, base_model: str | None = None, dtype=None):
     config = read_run_config(path) if path.is_dir() else {}
     if not config.get("model"):
         if base_model is None and path.is_dir() and not (path / "model_index.json").is_file():
-            raise ConfigError(f"{path / CONFIG_FILE}: no model.pretrained; pass the base model explicitly (--base-model)")
+            raise ConfigError(f"{path / CONFIG_FILE}: no model.pretrained; "
+                              "pass the base model explicitly (--base-model)")
         return _plain_pipeline(str(base_model or source), dtype)
     model = config_from_dict({"model": config["model"]}).model
     if base_model:
@@ -102,7 +103,8 @@ def apply_trained(pipeline, folder: str | Path, config: dict | None = None):
         raise
     except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise ModelLoadError(f"{folder}: cannot load the {method.name} output ({first}); was it trained on this base model?") from None
+        raise ModelLoadError(f"{folder}: cannot load the {method.name} output ({first}); "
+                             "was it trained on this base model?") from None
     return method
 
 
@@ -140,7 +142,7 @@ def _plain_pipeline(source: str, dtype):
 
     try:
         return DiffusionPipeline.from_pretrained(source, **({"torch_dtype": dtype} if dtype is not None else {}))
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         if Path(source).exists():
             raise ModelLoadError(f"{source}: could not be loaded as a pipeline ({str(exc).splitlines()[0]})") from None
         raise ModelLoadError(_offline_hint(source)) from None

@@ -190,7 +190,8 @@ def write(result: dict, out: Path) -> list[Path]:
         (out / "probe.json").write_text(json.dumps(result, indent=1))
         (out / "probe.html").write_text(_html(result))
     except OSError as exc:
-        raise AccordError(f"cannot write the probe's report to {out}: {exc.strerror or exc}; choose another --out") from None
+        raise AccordError(f"cannot write the probe's report to {out}: {exc.strerror or exc}; "
+                          "choose another --out") from None
     return [out / "probe.json", out / "probe.html"]
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 __all__ = ["add_arguments", "run", "draw_coupled_references"]
 
-_SCENES = [("park", (90, 170, 90)), ("street", (150, 150, 150)), ("beach", (230, 210, 150)), ("kitchen", (200, 180, 160))]
+_SCENES = [("park", (90, 170, 90)), ("street", (150, 150, 150)), ("beach", (230, 210, 150)),
+           ("kitchen", (200, 180, 160))]
 
 
 def draw_coupled_references(folder: Path, size: int = 64) -> Path:

@@ -20,6 +20,7 @@ import torch
 from .backbones import load_backbone
 from .checkpoint import CONFIG_FILE, list_checkpoints, resume_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
+from .ema import make_ema
 from .errors import AccordError, ConfigError
 from .methods import get_method
 from .monitor import TermsMonitor
@@ -151,12 +152,18 @@ def build_model(config: Config, accelerator):
     dtype on the accelerator's device, trained parameters in float32 (as diffusers' scripts do)."""
     t = config.train
     torch.manual_seed(t.seed)
-    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip)
+    from .quantize import is_quantized, quantize_frozen
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    backbone = load_backbone(config.model, resolution=config.data.resolution, pd_clip=config.accord.pd_clip,
+                             compute_dtype=weight_dtype)
+    quantize_frozen(backbone, config.model.quantize, weight_dtype, accelerator.device)  # before LoRA wraps the layers
     method = get_method(config.method.name)(config, backbone)
     method.setup()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
     for module in backbone.frozen_modules():
-        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+        # a quantized module is already in the autocast dtype (and diffusers refuses to cast a 4-bit one)
+        cast = weight_dtype != torch.float32 and not is_quantized(module)
+        module.to(accelerator.device, **({"dtype": weight_dtype} if cast else {}))
     for p in method.parameters():
         p.data = p.data.float()
     if t.gradient_checkpointing:
@@ -174,13 +181,14 @@ class Trainer:
 
     ``batches``/``class_batches`` give micro-batch ``(step, micro)`` through ``get``. :meth:`step` runs the
     micro-batches through :func:`accord.step.run_step`, whose schedule runs the backward passes through
-    :meth:`backward`, then clips, steps the optimizer and the learning-rate schedule.
+    :meth:`backward`, then clips, steps the optimizer and the learning-rate schedule, and updates ``ema``
+    (:class:`accord.ema.Ema`, ``train.ema_decay``) where there is one.
     """
 
     def __init__(self, config: Config, accelerator, backbone, method, optimizer, lr_scheduler, batches,
-                 class_batches=None):
+                 class_batches=None, ema=None):
         self.config, self.accelerator, self.backbone, self.method = config, accelerator, backbone, method
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.optimizer, self.lr_scheduler, self.ema = optimizer, lr_scheduler, ema
         self.batches, self.class_batches = batches, class_batches
         self.params = method.parameters()
         self.text = TextCache(backbone, enabled=not method.trains_text)
@@ -229,6 +237,9 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step()
+        if self.ema is not None:
+            self.ema.update()
+            logs["ema_decay"] = self.ema.decay
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         return logs
 
@@ -284,26 +295,47 @@ def _setup(config: Config, resume: str | None, resume_anyway: bool) -> _Run:
     _rebind(backbone, method, prepared[:-1])
 
     start_step, references, state = 0, _fingerprint(config, items), {}
+    ema = make_ema(config, method.parameters())  # train.ema_decay
     if resume is not None:
         ckpt, state = resume_checkpoint(out, resume, method=method, optimizer=_inner(optimizer),
                                         lr_scheduler=lr_scheduler, config_dict=config_dict, references=references,
-                                        resume_anyway=resume_anyway)
+                                        resume_anyway=resume_anyway, ema=ema)
         start_step = state["step"]
         logger.info("resumed from %s at step %d", ckpt, start_step)
     if accelerator.is_main_process:
         write_config(out / CONFIG_FILE, config_dict)
         if t.report_to != "none":
-            accelerator.init_trackers("accord", config={f"{s}.{k}": str(v) for s, sec in config_dict.items()
-                                                        for k, v in sec.items()})
+            _init_trackers(accelerator, t.report_to, out, config_dict)
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = _Batches(dataset, t.batch_size, t.seed, rank, world, t.gradient_accumulation_steps)
     class_batches = (_Batches(class_set, t.batch_size, t.seed + 1, rank, world, t.gradient_accumulation_steps)
                      if class_set is not None else None)
-    trainer = Trainer(config, accelerator, backbone, method, optimizer, lr_scheduler, batches, class_batches)
+    trainer = Trainer(config, accelerator, backbone, method, optimizer, lr_scheduler, batches, class_batches, ema)
     # Eq. 7's terms and the gradient shares: window means in train_summary.json, and the inert/falling warnings.
     monitor = TermsMonitor(config.accord.dd_weight, config.accord.dd_scale)
     monitor.load_state_dict(state.get("monitor"))
     return _Run(accelerator, out, trainer, monitor, config_dict, references, start_step)
+
+
+def _init_trackers(accelerator, report_to: str, out: Path, config_dict: dict) -> None:
+    """accelerate's tracker for ``train.report_to``; a wandb run goes to ``out/logs`` unless ``WANDB_DIR`` is set."""
+    import os
+
+    init_kwargs = {}
+    if report_to == "wandb":
+        init_kwargs["wandb"] = {"name": out.name}
+        if not os.environ.get("WANDB_DIR"):
+            (out / "logs").mkdir(parents=True, exist_ok=True)
+            init_kwargs["wandb"]["dir"] = str(out / "logs")
+    flat = {f"{s}.{k}": str(v) for s, sec in config_dict.items() for k, v in sec.items()}
+    try:
+        accelerator.init_trackers("accord", config=flat, init_kwargs=init_kwargs)
+    except Exception as exc:  # wandb without a login or network: one line, not wandb's traceback
+        if report_to != "wandb":
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"train.report_to=wandb: wandb could not start ({first}); run `wandb login`, or set "
+                          "WANDB_MODE=offline to keep the run on disk (wandb sync uploads it later)") from None
 
 
 def train(config: Config, resume: str | None = None, progress: bool = True, resume_anyway: bool = False) -> Path:
@@ -342,7 +374,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
         if main and t.validation_every and done % t.validation_every == 0:
             from .validation import write_validation_grid
 
-            with eval_copy(trainer.optimizer):
+            with eval_copy(trainer.optimizer), _averaged(trainer.ema):
                 write_validation_grid(config, trainer.backbone, out / "samples" / f"step-{done:06d}.png",
                                       accelerator=accelerator)
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.max_steps:
@@ -352,7 +384,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
                     save_checkpoint(out, done, method=trainer.method, optimizer=_inner(trainer.optimizer),
                                     lr_scheduler=trainer.lr_scheduler, config_dict=run.config_dict,
                                     extra={"nonfinite": nonfinite, "references": run.references,
-                                           "monitor": monitor.state_dict()}, keep=t.checkpoints_total_limit)
+                                           "monitor": monitor.state_dict()}, keep=t.checkpoints_total_limit,
+                                    ema=trainer.ema)
     bar.close()
     set_mode(trainer.optimizer, training=False)  # from here on the weights are schedule-free's x (what is saved)
     return _finish(run, nonfinite)
@@ -380,7 +413,8 @@ def _finish(run: _Run, nonfinite: int) -> Path:
     if len(set(checksums)) > 1:
         logger.warning("processes ended with different weights: %s", checksums)
     if accelerator.is_main_process:
-        written = method.save(out)
+        with _averaged(run.trainer.ema):  # train.ema_decay: the outputs are the averaged weights
+            written = method.save(out)
         summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": accelerator.num_processes,
                    "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
                    "outputs": [p.name for p in written], "eq7": run.monitor.trajectory,
@@ -399,6 +433,11 @@ def _finish(run: _Run, nonfinite: int) -> Path:
                           f"weights of step {t.max_steps - nonfinite}, the last good one; lower train.learning_rate or "
                           "use bf16 instead of fp16")
     return out
+
+
+def _averaged(ema):
+    """Inside: the trained parameters hold ``ema``'s averaged weights (nothing without one)."""
+    return ema.applied() if ema is not None else contextlib.nullcontext()
 
 
 def _fingerprint(config: Config, items) -> dict | None:

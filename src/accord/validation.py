@@ -1,4 +1,4 @@
-"""Validation sample grids written during training (PNG, and to TensorBoard when it is on)."""
+"""Validation sample grids written during training (PNG, and to TensorBoard or wandb when it is on)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def image_grid(images, rows: int, cols: int):
 def write_validation_grid(config, backbone, path: Path, accelerator=None, images_per_prompt: int = 2) -> Path:
     """One row per validation prompt, seeded so that grids of different steps are comparable."""
     t = config.train
-    prompts = [fill_prompt(p, config) for p in t.validation_prompts] or [f"a {config.data.trigger} {config.data.class_noun}"]
+    prompts = ([fill_prompt(p, config) for p in t.validation_prompts]
+               or [f"a {config.data.trigger} {config.data.class_noun}"])
     pipe = backbone.pipeline()
     images = []
     autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
@@ -41,9 +42,12 @@ def write_validation_grid(config, backbone, path: Path, accelerator=None, images
     grid = image_grid(images, rows=len(prompts), cols=images_per_prompt)
     grid.save(path)
     if accelerator is not None:
+        import numpy as np
+
+        step = int(path.stem.split("-")[-1])
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_image("validation", np.asarray(grid), int(path.stem.split("-")[-1]), dataformats="HWC")
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"validation": [np.asarray(grid)]}, step=step)
     return path

@@ -57,9 +57,9 @@ def detect_family(source: str, revision: str | None = None) -> str:
     raise ModelLoadError(f"model {source!r} is a {name}; supported families: {', '.join(FAMILIES)} (set model.backbone)")
 
 
-def _load_pipeline(cls, model_cfg, family: str):
+def _load_pipeline(cls, model_cfg, family: str, quantization=None):
     source = model_cfg.pretrained
-    kwargs = {"revision": model_cfg.revision, "variant": model_cfg.variant}
+    kwargs = {"revision": model_cfg.revision, "variant": model_cfg.variant, "quantization_config": quantization}
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -68,6 +68,9 @@ def _load_pipeline(cls, model_cfg, family: str):
                 raise ModelLoadError(f"{source}: .ckpt files are pickles and are not loaded; convert it to .safetensors")
             if not Path(source).is_file():
                 raise ModelLoadError(f"single-file model {source} not found")
+            if quantization is not None:
+                raise ConfigError(f"model.quantize={model_cfg.quantize} loads through from_pretrained; convert {source} "
+                                  "to a diffusers folder (or use model.quantize=int8, applied after loading)")
             config = model_cfg.single_file_config
             return cls.from_single_file(source, config=config, **({"safety_checker": None} if family == "sd" else {}))
         return cls.from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None or k == "safety_checker"})
@@ -97,10 +100,15 @@ def _pd_projection(name: str | None):
     return projection
 
 
-def load_backbone(model_cfg, *, resolution: int = 512, pd_clip: str | None = None) -> Backbone:
-    """Load the base model named by ``model_cfg`` (:class:`accord.config.ModelConfig`)."""
+def load_backbone(model_cfg, *, resolution: int = 512, pd_clip: str | None = None,
+                  compute_dtype=None) -> Backbone:
+    """Load the base model named by ``model_cfg`` (:class:`accord.config.ModelConfig`); ``model.quantize=nf4`` is
+    applied while loading (computing in ``compute_dtype``), int8 afterwards (:func:`accord.quantize.quantize_frozen`).
+    """
     import diffusers
+    import torch
 
+    from ..quantize import pipeline_quantization
     from .stable_diffusion import StableDiffusionBackbone, StableDiffusionXLBackbone
 
     family = model_cfg.backbone
@@ -111,13 +119,14 @@ def load_backbone(model_cfg, *, resolution: int = 512, pd_clip: str | None = Non
         family = detect_family(model_cfg.pretrained, model_cfg.revision)
     if family not in FAMILIES:
         raise ConfigError(f"model.backbone={family!r} is not supported; choose one of auto, {', '.join(FAMILIES)}")
+    quantization = pipeline_quantization(getattr(model_cfg, "quantize", "none"), family, compute_dtype or torch.float32)
     if family in FLOW_FAMILIES:
         if model_cfg.prediction_type is not None:
             raise ConfigError(f"model.prediction_type is for sd/sdxl; {family} predicts flow velocity: set it to null")
         from .flux import FluxBackbone
         from .sd3 import StableDiffusion3Backbone
 
-        pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family)
+        pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family, quantization)
         if family == "flux":
             backbone = FluxBackbone(pipe, model_cfg.pretrained, guidance=model_cfg.flux_guidance)
         else:
@@ -132,7 +141,7 @@ def load_backbone(model_cfg, *, resolution: int = 512, pd_clip: str | None = Non
     if model_cfg.max_sequence_length is not None:
         raise ConfigError(f"model.max_sequence_length is for flux/sd3 (T5 prompts); {family} reads 77 CLIP tokens: "
                           "set it to null")
-    pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family)
+    pipe = _load_pipeline(getattr(diffusers, _PIPELINES[family]), model_cfg, family, quantization)
     # Train on the DDPM grid of the model's own schedule (as diffusers' training scripts do).
     noise_scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
     if model_cfg.prediction_type is not None:

@@ -40,8 +40,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         with Image.open(self.paths[index]) as im:
             img = im.convert("RGB")
         u = float(torch.rand((), generator=augmentation_generator(self.seed, self.epoch, index)))
-        return cfg_sample(img, self.captions[index], index, u, (self.image_dropout, self.text_dropout, self.both_dropout),
-                          self.resolution)
+        return cfg_sample(img, self.captions[index], index, u,
+                          (self.image_dropout, self.text_dropout, self.both_dropout), self.resolution)
 
 
 def center_square(img: Image.Image, resolution: int) -> tuple[Image.Image, float, int, int]:

@@ -36,14 +36,16 @@ def parse_instance_dirs(value) -> list[dict]:
     if isinstance(value, (str, dict)):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"data.instance_dirs={value!r} must be a list of folders, e.g. [{{path: refs/a, repeats: 2}}]")
+        raise ConfigError(f"data.instance_dirs={value!r} must be a list of folders, "
+                          "e.g. [{path: refs/a, repeats: 2}]")
     out = []
     for i, entry in enumerate(value):
         where = f"data.instance_dirs[{i}]"
         if isinstance(entry, str):
             entry = {"path": entry}
         if not isinstance(entry, dict):
-            raise ConfigError(f"{where}={entry!r} must be a folder path or a mapping with {', '.join(INSTANCE_DIR_KEYS)}")
+            raise ConfigError(f"{where}={entry!r} must be a folder path or a mapping with "
+                              f"{', '.join(INSTANCE_DIR_KEYS)}")
         unknown = sorted(set(entry) - set(INSTANCE_DIR_KEYS))
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(INSTANCE_DIR_KEYS)}")
@@ -54,13 +56,15 @@ def parse_instance_dirs(value) -> list[dict]:
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ConfigError(f"{where}.repeats={repeats!r} must be a whole number >= 1 (times per epoch)")
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                or not (math.isfinite(weight) and weight > 0)):
             raise ConfigError(f"{where}.weight={weight!r} must be a positive number (its samples' loss weight)")
         parsed = {"path": path, "repeats": repeats, "weight": float(weight)}
         for key in ("trigger", "class_noun"):
             if entry.get(key) is not None:
                 if not isinstance(entry[key], str) or not entry[key].strip():
-                    raise ConfigError(f"{where}.{key}={entry[key]!r} must be a non-empty word, or left out for data.{key}")
+                    raise ConfigError(f"{where}.{key}={entry[key]!r} must be a non-empty word, "
+                                      f"or left out for data.{key}")
                 parsed[key] = entry[key]
         out.append(parsed)
     return out
@@ -77,7 +81,8 @@ def check_data_config(config) -> None:
     if not 0 <= d.caption_dropout < 1:
         raise ConfigError(f"data.caption_dropout={d.caption_dropout} is not a probability below 1; use 0..1, e.g. 0.1")
     if d.keep_phrases < 0:
-        raise ConfigError(f"data.keep_phrases={d.keep_phrases} is negative; use 0 or the number of phrases kept in place")
+        raise ConfigError(f"data.keep_phrases={d.keep_phrases} is negative; "
+                          "use 0 or the number of phrases kept in place")
     own = [f for f in d.instance_dirs if f.get("trigger", d.trigger) != d.trigger
            or f.get("class_noun", d.class_noun) != d.class_noun]
     if own:

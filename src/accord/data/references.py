@@ -40,8 +40,15 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import ConfigError, DataError
-from .captions import (default_caption, join_phrases, normalize_caption, split_caption, split_phrases, trigger_pattern,
-                       vary_caption)
+from .captions import (
+    default_caption,
+    join_phrases,
+    normalize_caption,
+    split_caption,
+    split_phrases,
+    trigger_pattern,
+    vary_caption,
+)
 from .images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -183,8 +190,8 @@ def _read_metadata(folder: Path) -> dict[Path, _Meta]:
             entry.mask = (folder / mask).resolve()
         masks = record.get("masks")
         if masks is not None:
-            if not isinstance(masks, dict) or not masks or not all(isinstance(k, str) and k.strip() and isinstance(v, str)
-                                                                  for k, v in masks.items()):
+            if not isinstance(masks, dict) or not masks or not all(
+                    isinstance(k, str) and k.strip() and isinstance(v, str) for k, v in masks.items()):
                 raise DataError(f"{where}: \"masks\" must map subject tokens to mask files, e.g. "
                                 "{\"<asset0>\": \"m0.png\", \"<asset1>\": \"m1.png\"}")
             for token, m in masks.items():
@@ -201,12 +208,13 @@ def _mask_dir_masks(folder: Path, mask_dir) -> dict[str, Path]:
         return {}
     masks_folder = _check_folder(mask_dir, "data.mask_dir")
     if masks_folder.resolve() == folder.resolve():
-        raise DataError(f"data.mask_dir={mask_dir} is the reference folder itself; put the masks in a folder of their own")
+        raise DataError(f"data.mask_dir={mask_dir} is the reference folder itself; "
+                        "put the masks in a folder of their own")
     out: dict[str, Path] = {}
     for path in list_images(masks_folder):
         if path.stem in out:
-            raise DataError(f"data.mask_dir={mask_dir}: two masks for {path.stem!r} ({out[path.stem].name}, {path.name}); "
-                            "keep one per image")
+            raise DataError(f"data.mask_dir={mask_dir}: two masks for {path.stem!r} "
+                            f"({out[path.stem].name}, {path.name}); keep one per image")
         out[path.stem] = path.resolve()
     return out
 
@@ -218,7 +226,8 @@ def declared_masks(folder, mask_dir=None) -> dict[Path, Path]:
     meta = _read_metadata(folder)
     out = {p: e.mask for p, e in meta.items() if e.mask is not None}
     by_stem = _mask_dir_masks(folder, mask_dir)
-    taken = {e.mask for e in meta.values() if e.mask is not None} | {m for e in meta.values() if e.masks for m in e.masks.values()}
+    taken = ({e.mask for e in meta.values() if e.mask is not None}
+             | {m for e in meta.values() if e.masks for m in e.masks.values()})
     for image in [p.resolve() for p in list_images(folder)] + list(meta):
         if image in taken:
             continue

@@ -42,7 +42,8 @@ def _to_pil(value, feature=None) -> Image.Image:
         return Image.open(value["path"])
     if isinstance(value, str):
         return Image.open(value)
-    raise DataError(f"image column holds {type(value).__name__}; expected an image (datasets Image feature, bytes or path)")
+    raise DataError(f"image column holds {type(value).__name__}; "
+                    "expected an image (datasets Image feature, bytes or path)")
 
 
 class StreamedCaptions:

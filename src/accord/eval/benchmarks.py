@@ -137,7 +137,8 @@ def parse_dreambench(path: str | Path) -> DreamBench:
             lists[section].append(m.group(2))
     if not classes or not lists["object"] or not lists["live"]:
         raise DataError(
-            f"{path}: expected a 'Classes' table and 'Object Prompts' / 'Live Subject Prompts' lists in DreamBench's format"
+            f"{path}: expected a 'Classes' table and 'Object Prompts' / 'Live Subject Prompts' lists "
+            "in DreamBench's format"
         )
     return DreamBench(classes, tuple(lists["object"]), tuple(lists["live"]))
 
@@ -158,7 +159,8 @@ def dreambench_prompts(
     out = []
     for subject in subjects:
         if subject not in bench.classes:
-            raise DataError(f"subject {subject!r} is not in {root / 'prompts_and_classes.txt'}; choose from {', '.join(bench.classes)}")
+            raise DataError(f"subject {subject!r} is not in {root / 'prompts_and_classes.txt'}; "
+                            f"choose from {', '.join(bench.classes)}")
         noun = bench.classes[subject]
         refs = tuple(list_images(root / subject))
         templates = bench.live_prompts if noun in LIVE_CLASSES else bench.object_prompts
@@ -184,7 +186,8 @@ def _fill(prompt: str, token: str, noun: str, path: str | Path) -> str:
     try:
         return prompt.format(token, noun, trigger=token, class_noun=noun)
     except (IndexError, KeyError, ValueError) as exc:
-        raise DataError(f"{path}: prompt {prompt!r} has a bad placeholder ({exc}); use {{0}}/{{trigger}} and {{1}}/{{class_noun}}") from None
+        raise DataError(f"{path}: prompt {prompt!r} has a bad placeholder ({exc}); "
+                        "use {0}/{trigger} and {1}/{class_noun}") from None
 
 
 def folder_prompts(
@@ -211,7 +214,8 @@ def stylebench_prompts(
     token: str = "sks",
     max_prompts: int | None = None,
 ) -> list[EvalPrompt]:
-    """StyleBench-style: ``root/<style>/`` reference folders × one prompt list (``{0}`` = trigger, ``{1}`` = style name)."""
+    """StyleBench-style: ``root/<style>/`` reference folders × one prompt list (``{0}`` = trigger,
+    ``{1}`` = style name)."""
     root = Path(root)
     if styles is None:
         styles = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

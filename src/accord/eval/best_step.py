@@ -6,7 +6,8 @@ loaded once; each checkpoint is applied with its method's ``load_into`` (:mod:`a
 its images generated and scored, then unloaded (``Method.unload_from``; where a method cannot, as
 DreamBooth, the base pipeline is loaded again for the next checkpoint). A *criterion* is a metric
 name (its own direction: Gram-D lower is better, the rest higher) or a weighted sum maximised as
-written, e.g. ``0.5*clip_t+0.5*dino_i`` or ``clip_t-0.001*gram_d``. Writes ``best_step.json``, ``best_step.csv`` and ``best_step.png``.
+written, e.g. ``0.5*clip_t+0.5*dino_i`` or ``clip_t-0.001*gram_d``. Writes ``best_step.json``, ``best_step.csv``
+and ``best_step.png``.
 """
 
 from __future__ import annotations

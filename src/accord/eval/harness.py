@@ -59,7 +59,8 @@ def parse_metric_names(text: str | Sequence[str]) -> list[str]:
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     unknown = [n for n in names if n not in METRICS]
     if unknown or not names:
-        raise ConfigError(f"--metrics {','.join(names)!r}: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(METRICS)}")
+        raise ConfigError(f"--metrics {','.join(names)!r}: unknown {', '.join(unknown) or 'empty list'}; "
+                          f"choose from {', '.join(METRICS)}")
     return list(dict.fromkeys(names))
 
 
@@ -110,7 +111,8 @@ def generate_rows(
             rel = Path(p.subject) / _slug(index, k)
             (images_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             image.save(images_dir / rel)
-            rows.append({"file": rel.as_posix(), "subject": p.subject, "prompt": p.prompt, "category": p.category, "seed": seed + k})
+            rows.append({"file": rel.as_posix(), "subject": p.subject, "prompt": p.prompt, "category": p.category,
+                         "seed": seed + k})
     write_csv(images_dir / MANIFEST, rows)
     return rows
 
@@ -120,7 +122,8 @@ def read_manifest(images_dir: str | Path, prompts: Sequence[EvalPrompt]) -> list
     images_dir = Path(images_dir)
     path = images_dir / MANIFEST
     if not path.is_file():
-        raise DataError(f"{path}: missing; a folder of images needs a manifest.csv with columns file,prompt[,subject,category]")
+        raise DataError(f"{path}: missing; a folder of images needs a manifest.csv with columns "
+                        "file,prompt[,subject,category]")
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"file", "prompt"} <= set(rows[0]):
@@ -131,7 +134,8 @@ def read_manifest(images_dir: str | Path, prompts: Sequence[EvalPrompt]) -> list
         known = by_prompt.get(row["prompt"])
         if not row.get("subject"):
             if known is None and len(subjects) != 1:
-                raise DataError(f"{path}: row {row['file']!r} has no subject and its prompt is not in the benchmark; add a subject column")
+                raise DataError(f"{path}: row {row['file']!r} has no subject and its prompt is not in the benchmark; "
+                                "add a subject column")
             row["subject"] = known.subject if known else next(iter(subjects))
         if not row.get("category"):
             row["category"] = known.category if known else "other"
@@ -173,7 +177,8 @@ def score_rows(
                     raise DataError(f"{name}: no references for subject {subject!r}; check --data")
                 ref_images = [load_image(r) for r in refs]
                 if name in ("clip_i", "dino_i"):
-                    values = metric.update(images, ref_images, reference_masks=_subject_masks(reference_masks, subject, refs))
+                    values = metric.update(images, ref_images,
+                                           reference_masks=_subject_masks(reference_masks, subject, refs))
                 else:
                     values = metric.update(images, ref_images)
             for i, v in zip(indices, values.tolist()):

@@ -107,7 +107,8 @@ def mask_files_for(images: Sequence[Path], mask_dir: str | Path) -> list[Path]:
         candidates = [mask_dir / f"{image.stem}{s}" for s in IMAGE_SUFFIXES]
         hit = next((c for c in candidates if c.is_file()), None)
         if hit is None:
-            raise DataError(f"{mask_dir}: no mask for {image.name} (expected {image.stem}.png); add it or drop --reference-masks")
+            raise DataError(f"{mask_dir}: no mask for {image.name} (expected {image.stem}.png); "
+                            "add it or drop --reference-masks")
         found.append(hit)
     return found
 

@@ -160,7 +160,8 @@ class _Clip(Metric):
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised CLIP text embeddings, one row per text."""
-        return self._embed(texts, lambda b: self.clip.model.encode_text(self.clip.tokenizer(list(b)).to(self.device)), f"{self.name} texts")
+        return self._embed(texts, lambda b: self.clip.model.encode_text(self.clip.tokenizer(list(b)).to(self.device)),
+                           f"{self.name} texts")
 
 
 class CLIPTextScore(_Clip):
@@ -260,7 +261,8 @@ class BLIPTextScore(Metric):
         n = (len(pairs) + self.batch_size - 1) // self.batch_size
         for batch in _progress(_batches(pairs, self.batch_size), n, "blip_t", self.progress):
             ims, texts = zip(*batch)
-            inputs = self.blip.processor(images=list(ims), text=list(texts), padding=True, return_tensors="pt").to(self.device)
+            inputs = self.blip.processor(images=list(ims), text=list(texts), padding=True,
+                                         return_tensors="pt").to(self.device)
             sim = self.blip.model(**inputs, use_itm_head=False, return_dict=True).itm_score
             out.append(sim.diagonal().float())
         return 100 * torch.cat(out).cpu()
@@ -400,7 +402,8 @@ def _insightface_embedder(model: str, root: str | None):
     except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise ModelLoadError(
-            f"cannot load insightface model pack {model!r} ({first}); put it under ROOT/models/{model} and pass --face-root ROOT"
+            f"cannot load insightface model pack {model!r} ({first}); "
+            f"put it under ROOT/models/{model} and pass --face-root ROOT"
         ) from None
 
     def embed(image: Image.Image):

@@ -110,7 +110,8 @@ class ClipBundle:
         return cls(model.eval(), preprocess, tokenizer or open_clip.get_tokenizer("ViT-B-32"))
 
 
-def load_clip(model: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_CLIP_PRETRAINED, device: str = "cpu") -> ClipBundle:
+def load_clip(model: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
+              device: str = "cpu") -> ClipBundle:
     """An open_clip model by architecture + pretrained tag (``ViT-B-32``/``openai``), ``hf-hub:`` id or local folder."""
 
     def build() -> ClipBundle:
@@ -168,7 +169,8 @@ def load_dino(model: str = DEFAULT_DINO, device: str = "cpu") -> DinoBundle:
         path = Path(model).expanduser()
         is_dir = _is_local(model) and path.is_dir()
         cfg = json.loads((path / "config.json").read_text()) if is_dir and (path / "config.json").is_file() else {}
-        use_transformers = ("model_type" in cfg) or (not is_dir and "/" in model and not model.startswith(("hf-hub:", "local-dir:")))
+        use_transformers = ("model_type" in cfg) or (
+            not is_dir and "/" in model and not model.startswith(("hf-hub:", "local-dir:")))
         try:
             if use_transformers:
                 from transformers import AutoModel

@@ -21,7 +21,8 @@ import torch
 from ..errors import ConfigError
 from ..inference import apply_trained, load_base, load_trained, read_run_config, remove_trained
 
-__all__ = ["generate", "load_adapters", "load_pipeline", "prepare", "read_run_config", "set_scheduler", "unload_adapters"]
+__all__ = ["generate", "load_adapters", "load_pipeline", "prepare", "read_run_config", "set_scheduler",
+           "unload_adapters"]
 
 SCHEDULERS = ("ddim", "default")
 

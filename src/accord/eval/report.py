@@ -110,7 +110,8 @@ def write_report(
         parts.append(f"<h3>{html.escape(subject)}</h3><a href='{grid.relative_to(out_dir).as_posix()}'>"
                      f"<img src='{grid.relative_to(out_dir).as_posix()}' alt='{html.escape(subject)}'></a>")
     if settings:
-        parts.append("<h2>Settings</h2>" + _table([{"setting": k, "value": v} for k, v in settings.items()], ["setting", "value"]))
+        parts.append("<h2>Settings</h2>"
+                     + _table([{"setting": k, "value": v} for k, v in settings.items()], ["setting", "value"]))
     parts.append("</body></html>")
     paths["html"] = out_dir / "report.html"
     paths["html"].write_text("\n".join(parts), encoding="utf-8")

@@ -77,7 +77,8 @@ def _blip_parts(folder: Path):
             max_position_embeddings=128, encoder_hidden_size=32, bos_token_id=tok.bos_token_id,
             sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
         ),
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                           image_size=32, patch_size=8),
         projection_dim=16,
         image_text_hidden_size=16,
     )  # fmt: skip

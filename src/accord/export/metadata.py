@@ -9,6 +9,7 @@ metadata is ``str -> str``, so numbers are written as text and dicts as JSON. Re
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections import Counter
@@ -54,6 +55,10 @@ def training_metadata(config, backbone, tags: dict | None = None) -> dict[str, s
         "dd_weight": a.dd_weight, "pd_weight": a.pd_weight, "dd_scale": a.dd_scale,
         "dd_variant": getattr(a, "dd_variant", "paper"),
     }
+    from ..methods.lora import LoraAdapterOptions
+
+    if isinstance(config.method, LoraAdapterOptions):  # the methods that train a peft LoRA
+        accord["lora"] = _lora_settings(config.method)
     from .. import __version__
 
     meta = {
@@ -69,11 +74,38 @@ def training_metadata(config, backbone, tags: dict | None = None) -> dict[str, s
     return meta
 
 
-def network_metadata(config) -> dict[str, str]:
-    """``ss_network_dim`` / ``ss_network_alpha`` of a LoRA file (alpha defaults to the rank, as in training)."""
-    m = config.method
+def _lora_settings(m) -> dict:
+    """``method.lora_*`` as trained (alphas resolved to their defaults)."""
     alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(m.lora_rank), "ss_network_alpha": str(float(alpha))}
+    out = {"variant": m.lora_variant, "rank": m.lora_rank, "alpha": float(alpha)}
+    if m.lora_conv_rank:
+        conv_alpha = m.lora_conv_alpha if m.lora_conv_alpha is not None else m.lora_conv_rank
+        out.update(conv_rank=m.lora_conv_rank, conv_alpha=float(conv_alpha))
+    return out
+
+
+def _kohya_alpha(alpha: float, rank: int, variant: str) -> float:
+    """The alpha whose kohya scale alpha / rank is the trained one (rsLoRA trains at alpha / sqrt(rank))."""
+    return float(alpha) * math.sqrt(rank) if variant == "rslora" else float(alpha)
+
+
+def network_metadata(config) -> dict[str, str]:
+    """``ss_network_dim`` / ``ss_network_alpha`` of a LoRA file (alpha defaults to the rank, as in training; for
+    rsLoRA the alpha that gives its scale under kohya's alpha / rank) and, for a variant or conv LoRA, kohya's
+    ``ss_network_args`` (``algo``, ``conv_dim``, ``conv_alpha``, ``dora_wd``, ``rs_lora``, as LyCORIS names them)."""
+    lora = _lora_settings(config.method)
+    variant = lora["variant"]
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora["rank"]),
+            "ss_network_alpha": str(_kohya_alpha(lora["alpha"], lora["rank"], variant))}
+    args = {}
+    if "conv_rank" in lora:
+        args = {"algo": "locon", "conv_dim": str(lora["conv_rank"]),
+                "conv_alpha": str(_kohya_alpha(lora["conv_alpha"], lora["conv_rank"], variant))}
+    if variant != "lora":
+        args = {"algo": args.get("algo", "lora"), **args, {"dora": "dora_wd", "rslora": "rs_lora"}[variant]: "True"}
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
+    return meta
 
 
 def stamp(path: Path, metadata: dict[str, str]) -> None:

@@ -105,7 +105,8 @@ def grow_cross_attention(unet):
     missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or not all(".attentions." in k for k in missing):
         raise ValueError(f"grow_cross_attention: {type(unet).__name__} is not a lab UNet "
-                         f"(unexpected {unexpected[:3]}, missing {[k for k in missing if '.attentions.' not in k][:3]})")
+                         f"(unexpected {unexpected[:3]}, "
+                         f"missing {[k for k in missing if '.attentions.' not in k][:3]})")
     for block in (grown.down_blocks[0], grown.up_blocks[-1]):
         for attn in block.attentions:
             torch.nn.init.zeros_(attn.proj_out.weight)

@@ -32,8 +32,18 @@ import torch
 import torch.nn.functional as F
 
 from . import models as M
-from .world import (BACKGROUNDS, COLORS, PATTERNS, PLACES, PRETRAIN_PATTERNS, SHAPES, parse_caption, random_caption,
-                    random_scene, render)
+from .world import (
+    BACKGROUNDS,
+    COLORS,
+    PATTERNS,
+    PLACES,
+    PRETRAIN_PATTERNS,
+    SHAPES,
+    parse_caption,
+    random_caption,
+    random_scene,
+    render,
+)
 
 __all__ = ["Recipe", "STAGES", "run_stage", "to_tensor", "labels_of", "timesteps"]
 
@@ -60,8 +70,9 @@ class Recipe:
     pool: int = 20000  # scenes cached for the UNet stage
 
     @classmethod
-    def smoke(cls) -> "Recipe":
-        return cls(vae_steps=3, vae_refine_steps=3, clip_steps=3, detector_steps=3, detector_refine_steps=3, unet_steps=3, focus_steps=3, grow_steps=3, grow_rounds=2, batch=8, pool=64)
+    def smoke(cls) -> Recipe:
+        return cls(vae_steps=3, vae_refine_steps=3, clip_steps=3, detector_steps=3, detector_refine_steps=3,
+                   unet_steps=3, focus_steps=3, grow_steps=3, grow_rounds=2, batch=8, pool=64)
 
 
 def to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
@@ -172,7 +183,8 @@ def clip_loss(img_feat, txt_feat, logit_scale, neg_feat=None) -> torch.Tensor:
     img, txt = F.normalize(img_feat, dim=-1), F.normalize(txt_feat, dim=-1)
     logits = logit_scale.exp() * img @ txt.T
     labels = torch.arange(len(img))
-    i2t = logits if neg_feat is None else torch.cat([logits, logit_scale.exp() * img @ F.normalize(neg_feat, dim=-1).T], 1)
+    i2t = (logits if neg_feat is None
+           else torch.cat([logits, logit_scale.exp() * img @ F.normalize(neg_feat, dim=-1).T], 1))
     return (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
@@ -237,7 +249,8 @@ def train_clip(out: Path, r: Recipe) -> None:
     # Token-level head (discarded after training): the hidden state of each shape word must tell that
     # object's colour and pattern, which precede it. The UNet cross-attends to these states, and the pooled
     # contrastive loss alone leaves each shape token nearly blind to its own colour.
-    heads = torch.nn.ModuleDict({"color": torch.nn.Linear(M.EMBED, len(COLORS)), "pattern": torch.nn.Linear(M.EMBED, len(PATTERNS))})
+    heads = torch.nn.ModuleDict({"color": torch.nn.Linear(M.EMBED, len(COLORS)),
+                                 "pattern": torch.nn.Linear(M.EMBED, len(PATTERNS))})
     params = list(text.parameters()) + list(image.parameters()) + list(heads.parameters()) + [logit_scale]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=r.clip_steps, pct_start=0.1)
@@ -297,7 +310,8 @@ def _fit_detector(det, r: Recipe, out: Path, rng, g, opt, sched, steps: int, sta
         scenes, x = _batch(rng, r.batch, PATTERNS)
         targets = [labels_of(s) for s in scenes]
         logits = det(_augment(x, g))
-        loss = sum(F.cross_entropy(v, torch.tensor([t[k] for t in targets]), ignore_index=-1) for k, v in logits.items())
+        loss = sum(F.cross_entropy(v, torch.tensor([t[k] for t in targets]), ignore_index=-1)
+                   for k, v in logits.items())
         _update(opt, sched, loss)
         if step % 25 == 0 or step == steps:
             _log(out, stage, step, steps, t0, loss=loss.item())
@@ -462,8 +476,8 @@ def _to_fp16(path: Path) -> None:
 
 def run_stage(stage: str, out: Path, recipe: Recipe) -> float:
     """Run one stage; returns its wall time in seconds (also appended to ``<out>/recipe.json``)."""
-    fn = {"vae": train_vae, "clip": train_clip, "detector": train_detector, "unet": train_unet, "unet-focus": focus_unet, "unet-grow": grow_unet,
-          "assemble": assemble}[stage]
+    fn = {"vae": train_vae, "clip": train_clip, "detector": train_detector, "unet": train_unet,
+          "unet-focus": focus_unet, "unet-grow": grow_unet, "assemble": assemble}[stage]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     fn(out, recipe)

@@ -79,7 +79,8 @@ def t2i_scores(prompts: list[str], found: list[dict]) -> dict[str, float]:
         for key, attr in (("colors", "color"), ("patterns", "pattern"), ("places", "place")):
             per[key].append(all(d["objects"].get(s, {}).get(attr) == w[attr] for s, w in asked["objects"].items()
                                 if attr in w))
-    whole = [b and s and c and p for b, s, c, p in zip(per["background"], per["shapes"], per["colors"], per["patterns"])]
+    whole = [b and s and c and p
+             for b, s, c, p in zip(per["background"], per["shapes"], per["colors"], per["patterns"])]
     return {"compositional": float(np.mean(whole)), "all_asked": float(np.mean(ok)),
             **{k: float(np.mean(v)) for k, v in per.items()}}
 

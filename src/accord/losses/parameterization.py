@@ -125,7 +125,8 @@ class Parameterization:
         ti = np.rint(t).astype(np.int64)
         if np.any((ti < 0) | (ti >= self.num_train_timesteps)) or np.any(np.abs(ti - t) > 1e-6):
             raise ValueError(
-                f"timesteps must be integer training indices in [0, {self.num_train_timesteps - 1}], got {t.tolist()[:8]}"
+                f"timesteps must be integer training indices in [0, {self.num_train_timesteps - 1}], "
+                f"got {t.tolist()[:8]}"
             )
         valid = ti >= 1
         si = np.clip(ti - 1, 0, None)
@@ -169,7 +170,8 @@ class Parameterization:
         )
 
     # ------------------------------------------------------------------ conversions
-    def x0_from_prediction(self, prediction: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def x0_from_prediction(self, prediction: torch.Tensor, sample: torch.Tensor,
+                           timesteps: torch.Tensor) -> torch.Tensor:
         """``x̂_0 = c_skip·x_t + c_out·prediction``, in the prediction's (at least float32) dtype."""
         dtype = torch.promote_types(prediction.dtype, torch.float32)
         c = self.coefficients(timesteps, dtype=dtype, device=prediction.device)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from ..config import _f
 from ..errors import ConfigError
 from .base import Method, load_named_state, named_trainable_state, register
-from .lora import LORA_FILE, LoraAdapterOptions
+from .lora import LORA_FILE, LoraAdapterOptions, lora_config
 from .textual_inversion import (
     SDXL_KEYS,
     TI_FILE,
@@ -194,11 +194,7 @@ class BreakAScene(Method):
         self.learned = LearnedTokens(self.backbone, self.tokens, m.initializer_token or d.class_noun)
         self.phase2 = self.config.train.max_steps > m.bas_phase1_steps
         if self.phase2:
-            from peft import LoraConfig
-
-            self.backbone.denoiser.add_adapter(LoraConfig(
-                r=m.lora_rank, lora_alpha=m.lora_alpha if m.lora_alpha is not None else m.lora_rank,
-                lora_dropout=m.lora_dropout, init_lora_weights="gaussian", target_modules=list(m.lora_targets)))
+            self.backbone.denoiser.add_adapter(lora_config(m, m.lora_targets, conv=True))  # method.lora_variant too
         self._store = install_recorders(self.backbone.denoiser) if m.bas_attn_weight > 0 else None
 
     # -- what trains, and when --------------------------------------------------------------------
@@ -344,13 +340,14 @@ class BreakAScene(Method):
             written.append(output_dir / f"{token}.safetensors")
         lora = None
         if self.phase2:
-            from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
+
+            from .lora import unet_lora_layers
 
             unet = self._unet()
             self.backbone.pipeline_class.save_lora_weights(
                 output_dir, safe_serialization=True,
-                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                unet_lora_layers=unet_lora_layers(get_peft_model_state_dict(unet), self.config.method),
                 unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
             lora = LORA_FILE
             written.append(output_dir / LORA_FILE)
