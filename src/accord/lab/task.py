@@ -236,7 +236,7 @@ class _Reader:
         self.path = path
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {key}: {problem}")
+        return ConfigError(f"{self.path}: {key}: {problem}" if key else f"{self.path}: {problem}")
 
     def mapping(self, value: Any, key: str, allowed: tuple, required: tuple = ()) -> dict:
         if not isinstance(value, dict):
