@@ -70,6 +70,14 @@ def test_generated_references_are_seeded_and_keep_to_the_rules():
     assert len({(s.background, s.objects[1]) for s in t.scenes}) == len(t.scenes)
 
 
+def test_generator_draws_no_object_in_the_background_colour(tmp_path):
+    data = yaml.safe_load((T.TASKS_DIR / "subject-background.yaml").read_text())
+    data["references"]["generate"].update(count=8, background="blue")
+    data["references"]["generate"]["objects"][1]["color"] = ["blue", "red"]
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(data))
+    assert {s.objects[1].color for s in T.load_task(tmp_path / "t.yaml").scenes} == {"red"}
+
+
 # ------------------------------------------------------------------------------ leak rules on fixed detections
 
 def _det(background="green", **objects) -> dict:
@@ -93,6 +101,7 @@ def test_place_leak_is_the_subject_on_the_left_when_the_right_is_asked():
     assert (t.score(asked_right, left)["leak"], t.score(asked_right, right)["leak"]) == (1.0, 0.0)
     assert t.score(asked_right, _det(square="green checkered left"))["leak"] == 0.0  # no subject, nothing leaks
     assert t.score("sks diamond on the left, green background", left)["leak"] == 0.0
+    assert t.score("sks diamond, green background", left)["leak"] == 0.0  # asks no place: not counted
     assert t.score("<sks> diamond on the right, green background", left, "<sks>")["leak"] == 1.0  # other triggers
 
 
