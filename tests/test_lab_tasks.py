@@ -283,3 +283,21 @@ def test_bench_refuses_to_mix_tasks_in_one_folder(tmp_path, capsys):
                  "--seeds", "1", "--output", str(tmp_path), "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "holds runs of task 'object-object'" in err and "own --output folder" in err
+
+
+@pytest.mark.slow
+def test_bench_runs_a_shipped_task_end_to_end(tmp_path):
+    """About a minute on 2 CPU cores: the shortest `accord lab bench --task` run."""
+    from accord.lab.judge import weights_dir
+
+    out = tmp_path / "bench"
+    assert main(["lab", "bench", "--task", "subject-place", "--methods", "lora", "--regularizers", "none",
+                 "--seeds", "1", "--steps", "2", "--images", "1", "--sample-steps", "1", "--weights",
+                 str(weights_dir()), "--output", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "runs" / "lora-none-s0" / "result.json").read_text())
+    t = T.load_task("subject-place")
+    assert result["setting"]["task"] == "subject-place"
+    assert [r["prompt"] for r in result["rows"]] == [p.text for p in t.prompts]
+    assert [r["asks_coupled"] for r in result["rows"]] == [p.asks_coupled for p in t.prompts]
+    assert (out / "references" / "lora" / "00.txt").read_text().startswith("sks diamond, ")
+    assert "### placement" in (out / "summary.md").read_text() and "subject-place" in (out / "report.html").read_text()
