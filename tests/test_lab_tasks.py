@@ -301,3 +301,14 @@ def test_bench_runs_a_shipped_task_end_to_end(tmp_path):
     assert [r["asks_coupled"] for r in result["rows"]] == [p.asks_coupled for p in t.prompts]
     assert (out / "references" / "lora" / "00.txt").read_text().startswith("sks diamond, ")
     assert "### placement" in (out / "summary.md").read_text() and "subject-place" in (out / "report.html").read_text()
+
+
+def test_the_documented_example_task_loads(tmp_path):
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "lab.md").read_text()
+    example = doc.split("## An example")[1].split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "square-diamond.yaml").write_text(example)
+    t = T.load_task(tmp_path / "square-diamond.yaml")
+    assert t.reference_caption(t.scenes[0]).startswith("sks square, diamond, ")
+    assert [p.leak_counted for p in t.prompts] == [True, True, False, True]

@@ -1,4 +1,4 @@
-"""One lab experiment: fine-tune the lab model on the coupling task with one method and one regularizer
+"""One lab experiment: fine-tune the lab model on a coupling task (``Setting.task``) with one method and one regularizer
 setting, generate the fixed evaluation prompts, judge every image, and measure the dependence shift
 over training (the paper's Fig. 6 analog).
 
