@@ -193,20 +193,19 @@ def write_report(folder: Path, results: list[dict], *, title: str, intro: str, g
                  notes: str = "", task=None) -> Path:
     """``<folder>/report.html`` with the overall and per-category tables and the figures (``task``: the
     :class:`accord.lab.task.Task` the results are of; default the default task)."""
-    from .task import default_task
+    from .task import DEFAULT_TASK, default_task
 
     task = task or default_task()
-
     folder.mkdir(parents=True, exist_ok=True)
     overall = summarize(results)
-    leak_bars(overall, folder / "leak_rates.png", **({} if task.name == "object-object" else
+    leak_bars(overall, folder / "leak_rates.png", **({} if task.name == DEFAULT_TASK else
                                                      {"title": f"leak rate, task {task.name}"}))
     shift_curves(results, folder / "dependence_shift.png")
     about = f"Task <b>{html.escape(task.name)}</b> ({html.escape(task.kind)}): {html.escape(task.description)}"
     if task.leak.description:
         about += f" Leak: {html.escape(task.leak.description)}."
-    parts = [f"<h1>{html.escape(title)}</h1><p>{intro}</p><p>{about}</p>", "<h2>All prompts</h2>", _html_table(overall),
-             '<p><img src="leak_rates.png"> <img src="dependence_shift.png"></p>']
+    parts = [f"<h1>{html.escape(title)}</h1><p>{intro}</p><p>{about}</p>", "<h2>All prompts</h2>",
+             _html_table(overall), '<p><img src="leak_rates.png"> <img src="dependence_shift.png"></p>']
     if notes:
         parts.append(f"<h2>Reading the numbers</h2><p>{notes}</p>")
     terms = summarize_terms(results)
