@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from trainkit import tiny_config
 
 from accord.errors import ConfigError
-from trainkit import tiny_config
 
 PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # as examples/
@@ -66,8 +66,8 @@ def _comfy_lora_keys(family: str, config: dict) -> set[str]:
     weight ``M.weight`` that the model map covers is accepted as ``"lora_transformer_" + M.replace(".", "_")``."""
     if family == "flux":
         double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                  "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj", "ff.net.2",
-                  "ff_context.net.0.proj", "ff_context.net.2"]
+                  "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
+                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
         single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"]
         modules = [f"transformer_blocks.{i}.{m}" for i in range(config["num_layers"]) for m in double]
         modules += [f"single_transformer_blocks.{i}.{m}" for i in range(config["num_single_layers"]) for m in single]
@@ -84,9 +84,9 @@ def test_comfy_lora_keys_all_map_and_readme_loads(family, tiny_model_dir, refs, 
     """lora_kohya.safetensors for FLUX/SD3: every key is one ComfyUI's loader maps (lora_up/lora_down/alpha of a
     mapped module) and the factors are the diffusers file's; the run README's lines load the diffusers file."""
     from safetensors.torch import load_file
+    from trainkit import header, run_readme
 
     from accord.train import train
-    from trainkit import header, run_readme
 
     model = tiny_model_dir(family)
     flow = {**FLOW, "train": {**FLOW["train"], "max_steps": 1}, "method": {**FLOW["method"], "lora_alpha": 8}}
@@ -171,7 +171,8 @@ def test_t5_length_is_configurable_and_checked(family, tiny_model_dir, refs, tmp
     config = tiny_config(tiny_model_dir(family), refs, tmp_path / "t")
     config.model.max_sequence_length = 16
     backbone = load_backbone(config.model)
-    clip_tokens = backbone.tokenizers[0].model_max_length if family == "sd3" else 0  # SD3 joins CLIP's and T5's sequences
+    # SD3 joins CLIP's and T5's sequences
+    clip_tokens = backbone.tokenizers[0].model_max_length if family == "sd3" else 0
     assert backbone.encode_prompts(["a sks backpack, girl"]).embeds.shape[1] == clip_tokens + 16
     config.model.max_sequence_length = 4096
     with pytest.raises(ConfigError, match=r"model.max_sequence_length=4096: this .* takes 1 to \d+ T5 tokens"):
@@ -201,8 +202,8 @@ def test_ddp_two_processes_end_identical(family, tiny_model_dir, refs, tmp_path)
                  tmp_path / "d.yaml")
     port = {"flux": "29541", "sd3": "29542"}[family]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                          "-m", "accord.cli", "train", str(cfg), "--no-progress"], env=ENV, capture_output=True, text=True,
-                         timeout=400)
+                          "-m", "accord.cli", "train", str(cfg), "--no-progress"], env=ENV,
+                         capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 3

@@ -10,8 +10,18 @@ import pytest
 import torch
 
 from accord.lab import task
-from accord.lab.world import (BACKGROUNDS, COLORS, PATTERNS, Obj, Scene, caption, parse_caption,
-                              random_caption, random_scene, render)
+from accord.lab.world import (
+    BACKGROUNDS,
+    COLORS,
+    PATTERNS,
+    Obj,
+    Scene,
+    caption,
+    parse_caption,
+    random_caption,
+    random_scene,
+    render,
+)
 
 
 def test_render_draws_exactly_the_described_scene():
@@ -149,7 +159,8 @@ def test_grown_unet_predicts_as_the_unet_it_grew_from_until_trained():
     assert all(a.transformer_blocks[0].only_cross_attention for a in grown.down_blocks[0].attentions)
     x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 7, EMBED)
     with torch.no_grad():
-        assert torch.equal(grown(x, t, encoder_hidden_states=text).sample, unet(x, t, encoder_hidden_states=text).sample)
+        assert torch.equal(grown(x, t, encoder_hidden_states=text).sample,
+                           unet(x, t, encoder_hidden_states=text).sample)
         for a in grown.up_blocks[-1].attentions:  # the new blocks do read the text once their projection is trained
             torch.nn.init.normal_(a.proj_out.weight, std=0.1)
         a, b = (grown(x, t, encoder_hidden_states=e).sample for e in (text, text.flip(1)))
@@ -321,5 +332,6 @@ def test_dependence_terms_add_up_to_the_shift(tmp_path):
     pipe = load_trained(model_dir())
     terms = dependence_terms(pipe, refs, task.TRIGGER, draws=1)
     assert min(terms["personal"], terms["general"], terms["null"]) >= 0 and terms["shift"] > 0
-    assert abs(terms["shift"] - abs(terms["personal"] + terms["general"] - terms["null"])) < 1e-6 * max(1.0, terms["null"])
+    assert (abs(terms["shift"] - abs(terms["personal"] + terms["general"] - terms["null"]))
+            < 1e-6 * max(1.0, terms["null"]))
     assert dependence_shift(pipe, refs, task.TRIGGER, draws=1) == terms["shift"]

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from trainkit import make_refs, tiny_config
 
 from accord.config import config_to_dict
 from accord.errors import AccordError, ConfigError
-from trainkit import make_refs, tiny_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -101,7 +101,8 @@ def test_resume_refuses_a_different_config(model, refs, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_end_identical(model, refs, tmp_path):
-    cfg = _write(tiny_config(model, refs, tmp_path / "ddp", train={"max_steps": 3, "batch_size": 1}), tmp_path / "d.yaml")
+    cfg = _write(tiny_config(model, refs, tmp_path / "ddp", train={"max_steps": 3, "batch_size": 1}),
+                 tmp_path / "d.yaml")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29533", "-m", "accord.cli", "train", str(cfg), "--no-progress"], env=ENV,
                          capture_output=True, text=True, timeout=400)
@@ -268,7 +269,8 @@ def test_loop_options_run_together(model, refs, tmp_path):
     tags = acc.Tags()["scalars"]
     for tag in ("loss", "diffusion", "dd", "dependence_shift", "lr"):
         assert tag in tags, tags
-    assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoints/step-000002/trainable.safetensors")).values())
+    assert all(torch.isfinite(v).all()
+               for v in load_file(str(out / "checkpoints/step-000002/trainable.safetensors")).values())
 
 
 def test_lora_with_text_encoder(model, refs, tmp_path):

@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
+from trainkit import tiny_config
 
 from accord.errors import ConfigError
-from trainkit import tiny_config
 
 
 def _one_line(err) -> str:
@@ -75,7 +75,8 @@ def test_each_optimizer_builds_and_steps(name, model, refs, tmp_path):
 
     if name in PACKAGES:
         pytest.importorskip(PACKAGES[name])
-    config = tiny_config(model, refs, tmp_path / "o", train={"optimizer": name, "learning_rate": 1.0 if name == "prodigy" else 1e-2})
+    config = tiny_config(model, refs, tmp_path / "o",
+                         train={"optimizer": name, "learning_rate": 1.0 if name == "prodigy" else 1e-2})
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 64)
     before = layer.weight.detach().clone()
@@ -99,7 +100,8 @@ def test_use_8bit_adam_still_means_adamw8bit(model, refs, tmp_path):
     assert type(make_optimizer(config, list(torch.nn.Linear(4, 4).parameters()))).__name__ == "AdamW8bit"
 
 
-@pytest.mark.parametrize("method, key, lr", [("lora", "text_encoder_lr", 3e-3), ("textual_inversion", "embedding_lr", 5e-2)])
+@pytest.mark.parametrize("method, key, lr", [("lora", "text_encoder_lr", 3e-3),
+                                             ("textual_inversion", "embedding_lr", 5e-2)])
 def test_separate_learning_rates_set_each_kinds_step(method, key, lr, model, refs, tmp_path):
     """AdamW's first step moves every entry by about its group's learning rate: the denoiser's at
     train.learning_rate, the text side's at the separate rate."""
@@ -156,7 +158,8 @@ def test_schedulefree_resume_is_bitwise(model, refs, tmp_path):
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"use_8bit_adam": True, "optimizer": "prodigy"}, "train.use_8bit_adam=true conflicts with train.optimizer=prodigy"),
+    ({"use_8bit_adam": True, "optimizer": "prodigy"},
+     "train.use_8bit_adam=true conflicts with train.optimizer=prodigy"),
     ({"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"}, "set train.lr_scheduler=constant"),
     ({"text_encoder_lr": 0.0}, "train.text_encoder_lr=0.0 must be a positive learning rate"),
     ({"optimizer": "sgd"}, "train.optimizer='sgd' is not allowed"),
@@ -219,8 +222,9 @@ def test_shuffle_phrases_keeps_the_trigger_phrase_first(refs, tmp_path):
 def test_dropped_captions_carry_no_dd_term_and_are_logged(model, refs, tmp_path, caplog):
     import logging
 
-    from accord.data.folders import caption_options
     from test_train import _grads
+
+    from accord.data.folders import caption_options
 
     config = tiny_config(model, refs, tmp_path / "c", data={"caption_dropout": 0.6}, accord={"dd_weight": 0.2})
     with caplog.at_level(logging.INFO, logger="accord.data"):
@@ -265,8 +269,10 @@ def test_instance_dirs_repeat_weight_and_split_by_their_own_trigger(model, refs,
 
     dog = make_refs(tmp_path / "dog", subject="dog", captions=["a zwx dog, grass", "a zwx dog"])
     config = tiny_config(model, refs, tmp_path / "o", data={
-        "instance_dir": "", "instance_dirs": [{"path": str(refs), "repeats": 2},
-                                              {"path": str(dog), "trigger": "zwx", "class_noun": "dog", "weight": 0.5}]})
+        "instance_dir": "", "instance_dirs": [
+            {"path": str(refs), "repeats": 2},
+            {"path": str(dog), "trigger": "zwx", "class_noun": "dog", "weight": 0.5},
+        ]})
     items = scan_instance_dirs(config.data)
     assert len(items) == 2 * 4 + 2
     assert [it.personal for it in items[-2:]] == ["a zwx dog", "a zwx dog"] and items[-2].general == "grass"

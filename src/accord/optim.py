@@ -26,7 +26,9 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "lr_groups", "set_mode", "eval_weights", "eval_copy", "check_optimizer_config"]
+__all__ = [
+    "OPTIMIZERS", "make_optimizer", "lr_groups", "set_mode", "eval_weights", "eval_copy", "check_optimizer_config",
+]
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree")
 _PACKAGES = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodigyopt", "optim"),

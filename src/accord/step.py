@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,9 @@ def noised_inputs(config: Config, backbone, method, batch: dict, class_batch: di
     latents = latent_cache(pixels, keys, generator).float()
     noise = torch.randn(latents.shape, generator=generator).to(device)
     if config.train.noise_offset:
-        noise = noise + config.train.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
+        noise = noise + config.train.noise_offset * torch.randn(
+            latents.shape[:2] + (1, 1), generator=generator
+        ).to(device)
     if timesteps is None:
         timesteps = backbone.sample_timesteps(latents.shape[0], generator, config.train)
     timesteps = timesteps.to(device)

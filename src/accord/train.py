@@ -40,7 +40,8 @@ class _Batches:
 
     With aspect-ratio buckets, each micro-batch is one of ``BucketBatchSampler``'s same-size batches. A streamed
     dataset (``stream_samples(start, count)``, e.g. :class:`accord.data.streamed.StreamedCaptions`) is this rank's
-    shard read in order: micro-batch (step, micro) is its samples from ``(step * accumulation + micro) * batch_size``."""
+    shard read in order: micro-batch (step, micro) is its samples from
+    ``(step * accumulation + micro) * batch_size``."""
 
     def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, accumulation: int):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
@@ -368,7 +369,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "dd", "pd", "dependence_shift")})
         if main and (done % t.log_every == 0 or done == t.max_steps):
             # Eq. 7's terms go to the trackers and train_summary.json; the console keeps the personal one.
-            shown = "  ".join(f"{k}={v:.5g}" for k, v in logs.items() if not k.startswith("eq7_") or k == "eq7_personal")
+            shown = "  ".join(
+                f"{k}={v:.5g}" for k, v in logs.items() if not k.startswith("eq7_") or k == "eq7_personal"
+            )
             bar.write(f"step {done}/{t.max_steps}  {shown}  ({time.time() - last_log:.1f}s)")
             last_log = time.time()
         if main and t.validation_every and done % t.validation_every == 0:

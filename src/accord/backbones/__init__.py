@@ -38,7 +38,9 @@ def detect_family(source: str, revision: str | None = None) -> str:
         if path.is_dir():
             index = path / "model_index.json"
             if not index.is_file():
-                raise ModelLoadError(f"{path} has no model_index.json; give a diffusers pipeline folder (save_pretrained layout)")
+                raise ModelLoadError(
+                    f"{path} has no model_index.json; give a diffusers pipeline folder (save_pretrained layout)"
+                )
             name = json.loads(index.read_text())["_class_name"]
         else:
             name = DiffusionPipeline.load_config(source, revision=revision)["_class_name"]
@@ -54,7 +56,9 @@ def detect_family(source: str, revision: str | None = None) -> str:
         return "sdxl"
     if "StableDiffusion" in name and "3" not in name:
         return "sd"
-    raise ModelLoadError(f"model {source!r} is a {name}; supported families: {', '.join(FAMILIES)} (set model.backbone)")
+    raise ModelLoadError(
+        f"model {source!r} is a {name}; supported families: {', '.join(FAMILIES)} (set model.backbone)"
+    )
 
 
 def _load_pipeline(cls, model_cfg, family: str, quantization=None):
@@ -65,20 +69,28 @@ def _load_pipeline(cls, model_cfg, family: str, quantization=None):
     try:
         if source.endswith((".safetensors", ".ckpt")):
             if source.endswith(".ckpt"):
-                raise ModelLoadError(f"{source}: .ckpt files are pickles and are not loaded; convert it to .safetensors")
+                raise ModelLoadError(
+                    f"{source}: .ckpt files are pickles and are not loaded; convert it to .safetensors"
+                )
             if not Path(source).is_file():
                 raise ModelLoadError(f"single-file model {source} not found")
             if quantization is not None:
-                raise ConfigError(f"model.quantize={model_cfg.quantize} loads through from_pretrained; convert {source} "
-                                  "to a diffusers folder (or use model.quantize=int8, applied after loading)")
+                raise ConfigError(
+                    f"model.quantize={model_cfg.quantize} loads through from_pretrained; convert {source} "
+                    "to a diffusers folder (or use model.quantize=int8, applied after loading)"
+                )
             config = model_cfg.single_file_config
             return cls.from_single_file(source, config=config, **({"safety_checker": None} if family == "sd" else {}))
-        return cls.from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None or k == "safety_checker"})
+        return cls.from_pretrained(
+            source, **{k: v for k, v in kwargs.items() if v is not None or k == "safety_checker"}
+        )
     except ModelLoadError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         if Path(source).exists():
-            raise ModelLoadError(f"{source}: could not be loaded as a {cls.__name__} ({str(exc).splitlines()[0]})") from None
+            raise ModelLoadError(
+                f"{source}: could not be loaded as a {cls.__name__} ({str(exc).splitlines()[0]})"
+            ) from None
         if source.endswith(".safetensors"):
             raise ModelLoadError(
                 f"{source}: a single file needs its configs; set model.single_file_config to a local diffusers folder "

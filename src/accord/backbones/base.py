@@ -23,23 +23,25 @@ class Conditioning:
     time_ids: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
 
-    def _map(self, fn) -> "Conditioning":
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
+    def _map(self, fn) -> Conditioning:
+        return replace(
+            self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+        )
 
-    def __getitem__(self, index) -> "Conditioning":
+    def __getitem__(self, index) -> Conditioning:
         return self._map(lambda t: t[index])
 
-    def to(self, *args, **kwargs) -> "Conditioning":
+    def to(self, *args, **kwargs) -> Conditioning:
         return self._map(lambda t: t.to(*args, **kwargs))
 
-    def detach(self) -> "Conditioning":
+    def detach(self) -> Conditioning:
         return self._map(lambda t: t.detach())
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     @staticmethod
-    def cat(items: list["Conditioning"]) -> "Conditioning":
+    def cat(items: list[Conditioning]) -> Conditioning:
         first = items[0]
         out = {}
         for f in fields(first):
@@ -84,7 +86,9 @@ class Backbone:
     def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:  # pragma: no cover
+    def predict(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     # -- the VAE (every family encodes images the same way) -------------------------------------------
@@ -176,7 +180,8 @@ class Backbone:
                 from ..errors import ConfigError
 
                 raise ConfigError(
-                    f"token(s) {tokens} already exist in the tokenizer; choose a new placeholder like '<s*>' or '<new1>'"
+                    f"token(s) {tokens} already exist in the tokenizer; "
+                    "choose a new placeholder like '<s*>' or '<new1>'"
                 )
             init_ids = tokenizer.encode(initializer, add_special_tokens=False)
             if not init_ids:

@@ -63,9 +63,11 @@ class FlowBackbone(Backbone):
         if not len(inside):
             from ..errors import ConfigError
 
-            raise ConfigError(f"train.min_timestep={train_cfg.min_timestep} / train.max_timestep={train_cfg.max_timestep} "
-                              f"hold no point of this model's sigma grid ({float(self._grid[0]):.4g} to "
-                              f"{float(self._grid[-1]):.4g}); widen the range")
+            raise ConfigError(
+                f"train.min_timestep={train_cfg.min_timestep} / train.max_timestep={train_cfg.max_timestep} "
+                f"hold no point of this model's sigma grid ({float(self._grid[0]):.4g} to "
+                f"{float(self._grid[-1]):.4g}); widen the range"
+            )
         return int(inside[0]), int(inside[-1]) + 1
 
     def timesteps_at(self, fraction: torch.Tensor) -> torch.Tensor:

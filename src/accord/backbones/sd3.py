@@ -48,7 +48,9 @@ class StableDiffusion3Backbone(FlowBackbone):
                                      truncation=True, return_tensors="pt").input_ids.to(self.device)
             t5 = self.text_encoders[2](ids)[0]
         else:
-            t5 = torch.zeros(len(prompts), self.max_sequence_length, self._joint_dim, device=self.device, dtype=clip.dtype)
+            t5 = torch.zeros(
+                len(prompts), self.max_sequence_length, self._joint_dim, device=self.device, dtype=clip.dtype
+            )
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Conditioning(embeds=torch.cat([clip, t5.to(clip.dtype)], dim=-2), pooled=torch.cat(pooled, dim=-1))
 

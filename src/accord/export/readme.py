@@ -33,7 +33,8 @@ def readme_text(method, output_dir: Path) -> str:
         f"- trigger word: `{config.data.trigger}` (class noun: `{config.data.class_noun}`), e.g. "
         f"`\"a photo of {config.data.trigger} {config.data.class_noun}\"`",
         f"- base model: `{base}` ({method.backbone.pipeline_class.__name__})",
-        f"- trained for {config.train.max_steps} steps at {config.data.resolution} px; the full settings are in `config.yaml`",
+        f"- trained for {config.train.max_steps} steps at {config.data.resolution} px; "
+        "the full settings are in `config.yaml`",
         "",
         "## Load it with stock diffusers",
         "",

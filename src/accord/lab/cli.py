@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
     b.add_argument("--images", type=int, default=4, help="images per evaluation prompt")
     b.add_argument("--sample-steps", type=int, default=25)
     b.add_argument("--weights", help="lab weights folder (default: the shipped one)")
+    b.add_argument("--task", help="task YAML file, or a shipped task's name (default: object-object; docs/lab.md)")
     b.add_argument("--no-progress", action="store_true")
     q = sub.add_parser("quality", help="measure the quality bars: detector accuracy, mini-CLIP retrieval, T2I compositional accuracy")
     q.add_argument("--weights", help="lab weights folder (default: the shipped one)")
@@ -63,7 +64,7 @@ def _bench(args) -> int:
     from .experiment import run_experiment
     from .report import format_table, summarize
     from .runner import METHODS, Setting, applies, regularizer_config, settings_for
-    from .task import SEEDS
+    from .task import default_task, load_task
 
     args.methods = args.methods or list(METHODS)
     for m in args.methods:
@@ -76,13 +77,15 @@ def _bench(args) -> int:
             raise AccordError(f"--regularizers {r!r} applies to none of --methods {' '.join(args.methods)} "
                               f"(PDLoss and ClassDiffusion need textual_inversion or custom_diffusion; prior needs "
                               "dreambooth or custom_diffusion)")
-    if not 1 <= args.seeds <= len(SEEDS):
-        raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(SEEDS)} (the task's fixed seeds)")
+    task = load_task(args.task) if args.task else default_task()
+    if not 1 <= args.seeds <= len(task.seeds):
+        raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(task.seeds)} (the task's fixed seeds)")
     settings = [Setting(method=m, regularizer=r, seed=seed, steps=args.steps, images_per_prompt=args.images,
-                        sample_steps=args.sample_steps)
-                for seed in SEEDS[:args.seeds] for m in args.methods
+                        sample_steps=args.sample_steps, task=task)
+                for seed in task.seeds[:args.seeds] for m in args.methods
                 for r in (args.regularizers or settings_for(m)) if applies(r, m)]
-    intro = (f"{len(settings)} runs: {', '.join(args.methods)}; {args.seeds} seed(s); {args.steps} steps; "
+    intro = (f"{len(settings)} runs on task {task.name}: {', '.join(args.methods)}; {args.seeds} seed(s); "
+             f"{args.steps} steps; "
              f"{args.images} images per prompt. 95% t-intervals over seeds.")
     results, report, seconds = run_experiment(settings, Path(args.output), title="accord lab bench", intro=intro,
                                               weights=args.weights, progress=not args.no_progress)

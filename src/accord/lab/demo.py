@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--images", type=int, default=4, help="images per evaluation prompt")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per image")
     parser.add_argument("--weights", help="lab weights folder (default: the shipped one)")
+    parser.add_argument("--task", help="task YAML file, or a shipped task's name (default: object-object; "
+                        "docs/lab.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -46,16 +48,17 @@ def run(args) -> int:
     from .experiment import run_experiment
     from .report import format_table, summarize
     from .runner import DD_WEIGHT, Setting
-    from .task import SEEDS
+    from .task import default_task, load_task
 
-    if not 1 <= args.seeds <= len(SEEDS):
-        raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(SEEDS)} (the task's fixed seeds)")
+    task = load_task(args.task) if getattr(args, "task", None) else default_task()
+    if not 1 <= args.seeds <= len(task.seeds):
+        raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(task.seeds)} (the task's fixed seeds)")
     settings = [Setting(method="lora", regularizer=reg, seed=seed, steps=args.steps, images_per_prompt=args.images,
-                        sample_steps=args.sample_steps, checkpoints=2)
-                for seed in SEEDS[:args.seeds] for reg in ("none", "dd")]
+                        sample_steps=args.sample_steps, checkpoints=2, task=task)
+                for seed in task.seeds[:args.seeds] for reg in ("none", "dd")]
+    leak = task.leak.description or f"the task's coupled concept is detected ({task.leak.kind})"
     intro = (f"LoRA (rank 8, {args.steps} steps) on the lab model, without and with DDLoss (weight {DD_WEIGHT}), "
-             f"{args.seeds} seed(s), {args.images} images per prompt. Leak rate: the yellow triangle that accompanies "
-             "the subject in every reference appears although the prompt does not ask for it. 95% intervals over seeds.")
+             f"{args.seeds} seed(s), {args.images} images per prompt. Leak rate: {leak}. 95% intervals over seeds.")
     results, report, seconds = run_experiment(settings, Path(args.output), title="accord demo: concept coupling",
                                               intro=intro, notes=_verdict, weights=args.weights,
                                               progress=not args.no_progress)

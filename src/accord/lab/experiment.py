@@ -39,6 +39,8 @@ def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: 
     from .judge import Judge
 
     quiet()
+    task = settings[0].task
+    _check_folder(folder, task.name)
     t0 = time.time()
     judge = Judge(weights)
     results = []
@@ -59,12 +61,22 @@ def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: 
             grids[key] = sample_grid(r, images, folder / f"samples-{r['name']}.png")
     seconds = time.time() - t0
     report = write_report(folder, results, title=title, intro=intro + f" Wall time: {seconds / 60:.1f} min.",
-                          grids=grids, notes=notes(results) if callable(notes) else (notes or ""))
-    from .task import CATEGORIES
-
-    per_category = "".join(f"\n### {c}\n\n{format_table(summarize(results, c))}\n" for c in CATEGORIES)
+                          grids=grids, notes=notes(results) if callable(notes) else (notes or ""), task=task)
+    per_category = "".join(f"\n### {c}\n\n{format_table(summarize(results, c))}\n" for c in task.categories)
     terms = summarize_terms(results)
     terms_md = f"\n### Eq. 7's terms (nats per element, base → last checkpoint)\n\n{format_terms(terms)}\n" if terms else ""
     (folder / "summary.md").write_text(format_table(summarize(results)) + "\n" + per_category + terms_md)
     (folder / "results.json").write_text(json.dumps(results))
     return results, report, seconds
+
+
+def _check_folder(folder: Path, name: str) -> None:
+    """A run folder holds one task's runs (finished runs are reused): refuse to mix in another task's."""
+    from ..errors import AccordError
+    from .task import DEFAULT_TASK
+
+    for done in sorted((folder / "runs").glob("*/result.json")):
+        other = json.loads(done.read_text())["setting"].get("task", DEFAULT_TASK)
+        if other != name:
+            raise AccordError(f"{folder} holds runs of task {other!r} ({done.parent.name}); give task {name!r} "
+                              "its own --output folder")

@@ -2,7 +2,8 @@
 
 Per image, for an evaluation prompt:
 
-* ``leak``      — the coupled object's shape is present although the prompt does not ask for it;
+* ``leak``      — the task's leak rule (:class:`accord.lab.task.Leak`; docs/lab.md), by default: the coupled
+                  object's shape is present although the prompt does not ask for it;
 * ``text``      — every asked attribute is present (background, each asked shape with its asked colour,
                   pattern and place);
 * ``fidelity``  — the subject's shape is present with its distinctive pattern;
@@ -104,17 +105,21 @@ class Judge:
 
 
 def score(prompt: str, detected: dict, *, names: dict[str, str], coupled: str, subject: str,
-          subject_pattern: str) -> dict[str, float]:
-    """Leak, text accuracy and fidelity of one image (see the module docstring); 1.0 = yes."""
+          subject_pattern: str, leak=None) -> dict[str, float]:
+    """Leak, text accuracy and fidelity of one image (see the module docstring); 1.0 = yes. ``leak`` (a task's
+    :class:`accord.lab.task.Leak`) replaces the default rule (``coupled`` is a shape present although unasked)."""
     asked = parse_caption(prompt, names)
     objs = detected["objects"]
     ok = asked["background"] is None or detected["background"] == asked["background"]
     for shape, want in asked["objects"].items():
         got = objs.get(shape)
         ok = ok and got is not None and all(got[k] == v for k, v in want.items())
-    leak = float(coupled not in asked["objects"] and coupled in objs)
+    if leak is not None:
+        leaked = leak.measure(asked, detected, subject)
+    else:
+        leaked = float(coupled not in asked["objects"] and coupled in objs)
     fid = float(subject in objs and objs[subject]["pattern"] == subject_pattern)
-    return {"leak": leak, "text": float(ok), "fidelity": fid}
+    return {"leak": leaked, "text": float(ok), "fidelity": fid}
 
 
 @lru_cache(maxsize=2)

@@ -190,16 +190,22 @@ def sample_grid(result: dict, images: np.ndarray, path: Path, scale: int = 3) ->
 
 
 def write_report(folder: Path, results: list[dict], *, title: str, intro: str, grids: dict[str, Path],
-                 notes: str = "") -> Path:
-    """``<folder>/report.html`` with the overall and per-category tables and the figures."""
-    from .task import CATEGORIES, PROMPTS
+                 notes: str = "", task=None) -> Path:
+    """``<folder>/report.html`` with the overall and per-category tables and the figures (``task``: the
+    :class:`accord.lab.task.Task` the results are of; default the default task)."""
+    from .task import DEFAULT_TASK, default_task
 
+    task = task or default_task()
     folder.mkdir(parents=True, exist_ok=True)
     overall = summarize(results)
-    leak_bars(overall, folder / "leak_rates.png")
+    leak_bars(overall, folder / "leak_rates.png", **({} if task.name == DEFAULT_TASK else
+                                                     {"title": f"leak rate, task {task.name}"}))
     shift_curves(results, folder / "dependence_shift.png")
-    parts = [f"<h1>{html.escape(title)}</h1><p>{intro}</p>", "<h2>All prompts</h2>", _html_table(overall),
-             '<p><img src="leak_rates.png"> <img src="dependence_shift.png"></p>']
+    about = f"Task <b>{html.escape(task.name)}</b> ({html.escape(task.kind)}): {html.escape(task.description)}"
+    if task.leak.description:
+        about += f" Leak: {html.escape(task.leak.description)}."
+    parts = [f"<h1>{html.escape(title)}</h1><p>{intro}</p><p>{about}</p>", "<h2>All prompts</h2>",
+             _html_table(overall), '<p><img src="leak_rates.png"> <img src="dependence_shift.png"></p>']
     if notes:
         parts.append(f"<h2>Reading the numbers</h2><p>{notes}</p>")
     terms = summarize_terms(results)
@@ -209,10 +215,10 @@ def write_report(folder: Path, results: list[dict], *, title: str, intro: str, g
                   "at the last checkpoint; shift = mean |personal + general − null|. Mean ± 95% interval over "
                   "seeds.</p>", _html(_TERMS_HEAD, [_terms_cells(r) for r in terms])]
     parts.append("<h2>Per prompt category (Appendix H)</h2>")
-    for c in CATEGORIES:
+    for c in task.categories:
         parts += [f"<h3>{c}</h3>", _html_table(summarize(results, c))]
     parts.append("<h2>Samples</h2><p>Rows: the evaluation prompts below, in order; columns: images (first seed).</p>")
-    parts.append("<ol>" + "".join(f"<li>[{p.category}] {html.escape(p.text)}</li>" for p in PROMPTS) + "</ol>")
+    parts.append("<ol>" + "".join(f"<li>[{p.category}] {html.escape(p.text)}</li>" for p in task.prompts) + "</ol>")
     parts.append("<div style='display:flex;gap:16px;flex-wrap:wrap'>" + "".join(
         f"<figure><img src='{html.escape(p.name)}'><figcaption>{html.escape(name)}</figcaption></figure>"
         for name, p in grids.items()) + "</div>")

@@ -1,4 +1,4 @@
-"""One lab experiment: fine-tune the lab model on the coupling task with one method and one regularizer
+"""One lab experiment: fine-tune the lab model on a coupling task (``Setting.task``) with one method and one regularizer
 setting, generate the fixed evaluation prompts, judge every image, and measure the dependence shift
 over training (the paper's Fig. 6 analog).
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from ..errors import AccordError
 from . import task
-from .judge import Judge, model_dir, score
+from .judge import Judge, model_dir
 
 __all__ = ["METHODS", "REGULARIZERS", "Setting", "applies", "dependence_terms", "regularizer_config", "run_setting", "settings_for"]
 
@@ -117,7 +117,12 @@ class Setting:
     sample_steps: int = 25
     guidance: float = 5.0
     checkpoints: int = 3  # dependence-shift measurements over training (plus the base model)
-    prompts: tuple = field(default_factory=lambda: task.PROMPTS)
+    prompts: tuple | None = None  # default: the task's
+    task: task.Task = field(default_factory=task.default_task)
+
+    def __post_init__(self):
+        if self.prompts is None:
+            self.prompts = self.task.prompts
 
     @property
     def name(self) -> str:
@@ -142,8 +147,8 @@ def build_config(s: Setting, refs: Path, out: Path, weights: Path | None = None)
         method["bas_phase1_steps"] = s.steps // 2
     data = {
         "model": {"pretrained": str(model)},
-        "data": {"instance_dir": str(refs), "class_noun": task.CLASS_NOUN, "trigger": recipe["trigger"],
-                 "resolution": 32, "class_dir": str(out.parent / "class-images"), "class_prompt": "circle"},
+        "data": {"instance_dir": str(refs), "class_noun": s.task.class_noun, "trigger": recipe["trigger"],
+                 "resolution": 32, "class_dir": str(out.parent / "class-images"), "class_prompt": s.task.class_noun},
         "method": method,
         "accord": {"pd_clip": str(model / "text_encoder")},
         "train": {**recipe["train"], "output_dir": str(out), "max_steps": s.steps, "batch_size": s.batch_size,
@@ -153,18 +158,20 @@ def build_config(s: Setting, refs: Path, out: Path, weights: Path | None = None)
     return config_from_dict(_merge(data, regularizer_config(s.regularizer))).validate()
 
 
-def references(folder: Path, trigger: str, method: str = "lora") -> Path:
-    """The task's references with ``trigger`` in the captions (masked, for Break-A-Scene)."""
+def references(folder: Path, trigger: str, method: str = "lora", t: task.Task | None = None) -> Path:
+    """The task's references (default: the default task's) with ``trigger`` in the captions (masked, for
+    Break-A-Scene)."""
+    t = t or task.default_task()
     if method == "break_a_scene":
-        return task.write_masked_references(folder, trigger)
-    task.write_references(folder)
+        return t.write_masked_references(folder, trigger)
+    t.write_references(folder)
     for txt in folder.glob("*.txt"):
-        txt.write_text(txt.read_text().replace(f"{task.TRIGGER} ", f"{trigger} "))
+        txt.write_text(txt.read_text().replace(f"{t.trigger} ", f"{trigger} "))
     return folder
 
 
-def prompt_text(p: task.EvalPrompt, trigger: str) -> str:
-    return p.text.replace(f"{task.TRIGGER} ", f"{trigger} ")
+def prompt_text(p: task.EvalPrompt, trigger: str, t: task.Task | None = None) -> str:
+    return (t or task.default_task()).prompt_text(p, trigger)
 
 
 @torch.no_grad()
@@ -240,7 +247,7 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
 
     recipe = METHODS[s.method]
     trigger = recipe["trigger"]
-    refs = references(root / "references" / s.method, trigger, s.method)
+    refs = references(root / "references" / s.method, trigger, s.method, s.task)
     out = root / "runs" / s.name
     config = build_config(s, refs, out, weights)
     base_terms = _base_terms(root, refs, trigger, weights) if s.checkpoints else None
@@ -253,26 +260,26 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
     if s.checkpoints:
         terms[s.steps] = dependence_terms(pipe, refs, trigger)
     shifts = {k: v["shift"] for k, v in terms.items()}
-    prompts = [prompt_text(p, trigger) for p in s.prompts]
+    prompts = [s.task.prompt_text(p, trigger) for p in s.prompts]
     images = sample(pipe, prompts, s)
     detected = judge.detect(images)
     ref_feats = judge.image_features([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"))
                                       for p in _reference_images(refs)])
     img_feats = judge.image_features(images)
-    class_prompts = [p.text.replace(f"{task.TRIGGER} ", "") for p in s.prompts]
+    class_prompts = [s.task.class_prompt(p) for p in s.prompts]
     txt_feats = judge.text_features(class_prompts)
     rows = []
     n = s.images_per_prompt
     for i, p in enumerate(s.prompts):
         for k in range(n):
             j = i * n + k
-            r = score(prompts[i], detected[j], names={trigger: task.SUBJECT.shape}, coupled=task.COUPLED.shape,
-                      subject=task.SUBJECT.shape, subject_pattern=task.SUBJECT.pattern)
+            r = s.task.score(prompts[i], detected[j], trigger)
             r.update(prompt=p.text, category=p.category, asks_coupled=p.asks_coupled,
                      clip_t=100 * float(img_feats[j] @ txt_feats[i]), clip_i=100 * float((img_feats[j] @ ref_feats.T).mean()))
             rows.append(r)
     np.save(out / "samples.npy", np.stack(images))
-    result = {"setting": {k: v for k, v in asdict(s).items() if k != "prompts"}, "name": s.name, "rows": rows,
+    setting = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("prompts", "task")}
+    result = {"setting": {**setting, "task": s.task.name}, "name": s.name, "rows": rows,
               "dependence_shift": {str(k): v for k, v in sorted(shifts.items())},
               "dependence_terms": {str(k): v for k, v in sorted(terms.items())}}
     (out / "result.json").write_text(json.dumps(result, indent=1))
