@@ -1,20 +1,7 @@
 """``accord lab pretrain``: the lab's miniature models, trained from scratch on the world, seeded.
 
-Stages (each writes into ``<out>/stages/`` and can run in its own process):
-
-1. ``vae``      — ``AutoencoderKL`` 32 px → 16×16×4, L1 + LPIPS-free MSE + a small KL; scaling factor = 1/std.
-2. ``clip``     — mini-CLIP: text tower + image tower, symmetric InfoNCE (Radford et al., 2021) on
-                  (render, caption) pairs, plus one hard-negative caption per image (a shape, colour or side
-                  swapped; NegCLIP) so that the text tower, which the UNet is conditioned on, tells shapes apart.
-3. ``detector`` — per-attribute classifier on fresh renders (blur/noise augmented, all patterns).
-4. ``unet``     — ``UNet2DConditionModel`` on the frozen text tower, epsilon prediction, 10% empty captions
-                  (classifier-free guidance); needs ``vae`` and ``clip``.
-5. ``unet-focus`` — continues ``unet`` on a fresh pool with 60% of each batch's timesteps drawn from the 400
-                  noisiest and each error weighted by 1/SNR clamped to [1, 10], where two objects' colours
-                  are bound to their shapes.
-6. ``unet-grow`` — grows text cross-attention into ``unet-focus``'s 16x16 level (zero-initialised, so it starts
-                  as ``unet-focus``) and trains the grown UNet as ``unet-focus`` was, in two rounds on fresh pools.
-7. ``assemble`` — a ``StableDiffusionPipeline`` folder + mini-CLIP image tower + detector, as safetensors.
+Stages: ``STAGES``, run in that order; each writes into ``<out>/stages/`` and can run in its own process. What each
+one trains, and why the UNet has three, is documented in one place: docs/lab.md, "Pretraining stages".
 
 The checkered pattern (the personal subject's look) is kept out of the CLIP and UNet corpora.
 """
