@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
 import os
 import subprocess
 import sys
+
+import pytest
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

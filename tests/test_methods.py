@@ -68,7 +68,8 @@ def trained(tiny_model_dir, tmp_path_factory, monkeypatch_module):
             base = tiny_model_dir(kind)
             out = root / f"{method}-{kind}"
             overrides = [
-                f"model.pretrained={base}", f"data.instance_dir={_references(root, trigger)}", "data.class_noun=backpack",
+                f"model.pretrained={base}", f"data.instance_dir={_references(root, trigger)}",
+                "data.class_noun=backpack",
                 f"data.trigger={trigger}", "data.resolution=32", f"method.name={method}", f"train.output_dir={out}",
                 "train.max_steps=2", "train.batch_size=1", "train.checkpoint_every=0", "train.report_to=none",
                 "train.learning_rate=1e-3", "accord.dd_weight=0.2",
@@ -108,7 +109,8 @@ def _stock_load(method: str, kind: str, out: Path, base: Path):
         pipe.load_textual_inversion(out, weight_name="learned_embeds.safetensors")
     elif method == "textual_inversion":
         state = load_file(out / "learned_embeds.safetensors")
-        pipe.load_textual_inversion(state["clip_l"], token="<s*>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_l"], token="<s*>", text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(state["clip_g"], token="<s*>", text_encoder=pipe.text_encoder_2,
                                     tokenizer=pipe.tokenizer_2)
     elif method == "custom_diffusion":
@@ -180,7 +182,8 @@ def test_pd_features_pool_at_end_of_text_with_learned_tokens(trained):
     try:
         with torch.no_grad():
             features = backbone.projected_text_features(["1 <s*> backpack"])
-            ids = tokenizer(backbone.prepare_prompts(["1 <s*> backpack"]), padding="max_length", return_tensors="pt").input_ids
+            ids = tokenizer(backbone.prepare_prompts(["1 <s*> backpack"]), padding="max_length",
+                            return_tensors="pt").input_ids
             hidden = encoder(ids).last_hidden_state
         stock_pooled = encoder(ids).pooler_output
     finally:

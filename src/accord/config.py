@@ -42,7 +42,8 @@ PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 
 @dataclass
 class ModelConfig:
-    pretrained: str = _f("", "base model: a Hugging Face hub id, a local diffusers folder, or a single .safetensors file")
+    pretrained: str = _f(
+        "", "base model: a Hugging Face hub id, a local diffusers folder, or a single .safetensors file")
     backbone: str = _f("auto", "model family; 'auto' reads it from the model", BACKBONES)
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     variant: str | None = _f(None, "weight variant to load, e.g. 'fp16'")
@@ -77,7 +78,8 @@ class DataConfig:
     center_crop: bool = _f(True, "center crop after resizing (False: random crop)")
     random_flip: bool = _f(False, "random horizontal flips")
     buckets: bool = _f(False, "aspect-ratio buckets instead of square crops")
-    on_bad_image: str = _f("error", "what to do with unreadable images: stop with an error or skip with a warning", ("error", "skip"))
+    on_bad_image: str = _f(
+        "error", "what to do with unreadable images: stop with an error or skip with a warning", ("error", "skip"))
     with_prior_preservation: bool = _f(False, "add the class-prior loss on class images (DreamBooth, Custom Diffusion)")
     class_dir: str | None = _f(None, "folder of class images; generated there by the base model when short")
     class_prompt: str | None = _f(None, "prompt of the class images; default 'a {class_noun}'")
@@ -94,13 +96,16 @@ class DataConfig:
     unmasked_weight: float = _f(0.0, "with data.masked_loss: weight of the diffusion loss outside the mask (0..1)")
     instance_dirs: list = _f(
         [], "more reference folders, each {path, repeats (times per epoch, 1), weight (loss weight, 1), trigger, "
-        "class_noun (default: data.trigger / data.class_noun)}; data.instance_dir, if set, is one more with the defaults"
+        "class_noun (default: data.trigger / data.class_noun)}; data.instance_dir, if set, is one more with the "
+        "defaults"
     )
     caption_dropout: float = _f(
         0.0, "probability that a sample trains on the empty caption (no DD term for it; logged as captions_dropped)"
     )
-    shuffle_phrases: bool = _f(False, "shuffle each caption's c_g phrases every epoch; the trigger phrase c_p stays first")
-    keep_phrases: int = _f(0, "with shuffle_phrases: the first N c_g phrases stay in place after c_p (kohya's keep_tokens)")
+    shuffle_phrases: bool = _f(
+        False, "shuffle each caption's c_g phrases every epoch; the trigger phrase c_p stays first")
+    keep_phrases: int = _f(
+        0, "with shuffle_phrases: the first N c_g phrases stay in place after c_p (kohya's keep_tokens)")
 
 
 #: the method of a config whose ``method`` section names none
@@ -190,7 +195,8 @@ class RegularizerConfig:
         "exceeds the category prediction's own value; 'fixed' keeps it where -log p(class | x_t-1) exceeds "
         "regularizers.sude_tau nats", ("category", "fixed")
     )
-    sude_tau: float = _f(0.0, "SuDe's fixed truncation threshold in nats, with sude_truncation=fixed (0: probability 1)")
+    sude_tau: float = _f(
+        0.0, "SuDe's fixed truncation threshold in nats, with sude_truncation=fixed (0: probability 1)")
     classdiffusion_weight: float = _f(
         0.0, "ClassDiffusion semantic preservation loss weight (1 - cos of personal and class phrase features); "
         "0 disables; for methods that train the text side"
@@ -205,7 +211,8 @@ class TrainConfig:
     max_steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(1, "reference images per step and process")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(1e-4, "learning rate (the denoiser's; prodigy: a multiplier of its own estimate, use 1.0)")
+    learning_rate: float = _f(
+        1e-4, "learning rate (the denoiser's; prodigy: a multiplier of its own estimate, use 1.0)")
     optimizer: str = _f(
         "adamw", "torch AdamW, bitsandbytes 8-bit AdamW (pip install 'accord[bnb]'), Prodigy, transformers' Adafactor "
         "(fixed learning rate), or schedule-free AdamW (pip install 'accord[optim]'; with lr_scheduler=constant)",
@@ -218,7 +225,8 @@ class TrainConfig:
     prodigy_d_coef: float = _f(1.0, "prodigy: d_coef, scales its step-size estimate")
     prodigy_use_bias_correction: bool = _f(False, "prodigy: Adam's bias correction")
     prodigy_safeguard_warmup: bool = _f(False, "prodigy: no d growth from the warm-up steps (use with lr_warmup_steps)")
-    lr_scheduler: str = _f("constant", "diffusers learning-rate schedule", ("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_scheduler: str = _f(
+        "constant", "diffusers learning-rate schedule", ("constant", "constant_with_warmup", "linear", "cosine"))
     lr_warmup_steps: int = _f(0, "warm-up steps of the learning-rate schedule")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -228,7 +236,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mixed_precision: str = _f("no", "autocast precision", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
-    timestep_sampling: str = _f("uniform", "how training timesteps are drawn (paper Tab. 12)", ("uniform", "logit_normal"))
+    timestep_sampling: str = _f(
+        "uniform", "how training timesteps are drawn (paper Tab. 12)", ("uniform", "logit_normal"))
     logit_mean: float = _f(0.0, "logit-normal m")
     logit_std: float = _f(1.0, "logit-normal s")
     timestep_shift: float | None = _f(
@@ -291,7 +300,8 @@ class TrainConfig:
             raise ConfigError(f"train.timestep_shift={self.timestep_shift} must be a positive number (1: no shift, "
                               "3.0: SD3's), or null")
         lo, hi = self.min_timestep, self.max_timestep
-        if (lo is not None and lo < 0) or (hi is not None and hi < 1) or (lo is not None and hi is not None and lo >= hi):
+        if ((lo is not None and lo < 0) or (hi is not None and hi < 1)
+                or (lo is not None and hi is not None and lo >= hi)):
             raise ConfigError(f"train.min_timestep={lo} / train.max_timestep={hi}: need 0 <= min_timestep < "
                               "max_timestep, e.g. 0 and 1000")
         from .optim import check_optimizer_config
@@ -330,11 +340,12 @@ class Config:
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Reject incompatible combinations (peft-style ``__post_init__`` checks, at the edge); the method's own
         checks are its options' :meth:`MethodOptions.validate`."""
         if not self.model.pretrained:
-            raise ConfigError("model.pretrained is empty: give a hub id, a local diffusers folder or a .safetensors file")
+            raise ConfigError("model.pretrained is empty: give a hub id, a local diffusers folder or a "
+                              ".safetensors file")
         if not self.data.instance_dir and not self.data.instance_dirs and self.method.reads_instance_dir():
             raise ConfigError("data.instance_dir is empty: give the folder of reference images")
         from .data.folders import check_data_config
@@ -352,7 +363,8 @@ class Config:
             raise ConfigError(f"accord.grad_share_every={self.accord.grad_share_every}: use 0 to disable or a positive "
                               "number of steps")
         if self.accord.dd_batch is not None and self.accord.dd_batch < 1:
-            raise ConfigError(f"accord.dd_batch={self.accord.dd_batch}: use a positive number or null for the whole batch")
+            raise ConfigError(f"accord.dd_batch={self.accord.dd_batch}: use a positive number or null for the "
+                              "whole batch")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution"):
             section = self.data if key == "resolution" else self.train
             if getattr(section, key) < 1:
@@ -372,7 +384,8 @@ class Config:
             raise ConfigError(f"data.unmasked_weight={d.unmasked_weight} must be in 0..1 (0: only the masked area "
                               "trains, 1: the mask has no effect)")
         if self.train.cache_latents and (self.data.random_flip or not self.data.center_crop):
-            raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and data.random_flip=false")
+            raise ConfigError("train.cache_latents needs fixed crops: set data.center_crop=true and "
+                              "data.random_flip=false")
         from .quantize import check_quantize_config
 
         check_quantize_config(self)

@@ -17,14 +17,14 @@ __all__ = ["Method", "register", "METHOD_REGISTRY", "get_method", "method_names"
            "TextEncoderOptions"]
 
 #: the methods, by name, in registration order: the one list the config, the CLI, the lab and the docs read
-METHOD_REGISTRY: dict[str, type["Method"]] = {}
+METHOD_REGISTRY: dict[str, type[Method]] = {}
 #: modules of the built-in methods, imported (they register themselves) the first time the registry is read; they
 #: import only torch at the top (diffusers, peft, transformers where used), so this stays light
 METHOD_MODULES = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "visual_encoder", "ip_adapter",
                   "break_a_scene")
 
 
-def register(cls: type["Method"]) -> type["Method"]:
+def register(cls: type[Method]) -> type[Method]:
     """Class decorator: add a method under ``cls.name`` with its options dataclass ``cls.options`` (a subclass of
     :class:`accord.config.MethodOptions` of its own: the keys of ``method:`` besides ``name``)."""
     import dataclasses
@@ -301,7 +301,8 @@ class Method:
 
 
 def named_trainable_state(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{n}": p.detach().cpu().clone().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    return {f"{prefix}.{n}": p.detach().cpu().clone().contiguous()
+            for n, p in module.named_parameters() if p.requires_grad}
 
 
 def load_named_state(module: torch.nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
@@ -313,5 +314,6 @@ def load_named_state(module: torch.nn.Module, prefix: str, state: dict[str, torc
                 if name not in params:
                     from ..errors import AccordError
 
-                    raise AccordError(f"checkpoint tensor {key} has no matching parameter; was it made by another method?")
+                    raise AccordError(f"checkpoint tensor {key} has no matching parameter; was it made by another "
+                                      "method?")
                 params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -34,8 +34,10 @@ SDXL: the tokens train in both text encoders; ``learned_embeds.safetensors`` is 
 ``clip_l``/``clip_g`` file), loaded with one ``load_textual_inversion`` call per encoder::
 
     tokens = json.loads((OUT / "break_a_scene.json").read_text())["tokens"]
-    pipe.load_textual_inversion(list(state["clip_l"]), token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(list(state["clip_g"]), token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(list(state["clip_l"]), token=tokens, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(list(state["clip_g"]), token=tokens, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
 """
 
 from __future__ import annotations
@@ -189,7 +191,8 @@ class BreakAScene(Method):
                               '"masks": {"<asset0>": "m0.png", "<asset1>": "m1.png"}')
         wrong = [t for t in self.tokens if not t.startswith(m.bas_token_prefix) or " " in t]
         if wrong:
-            raise ConfigError(f"subject tokens {wrong} do not start with method.bas_token_prefix={m.bas_token_prefix!r}; "
+            raise ConfigError(f"subject tokens {wrong} do not start with "
+                              f"method.bas_token_prefix={m.bas_token_prefix!r}; "
                               "rename them in metadata.jsonl (e.g. <asset0>) or change the prefix")
         self.learned = LearnedTokens(self.backbone, self.tokens, m.initializer_token or d.class_noun)
         self.phase2 = self.config.train.max_steps > m.bas_phase1_steps
@@ -255,9 +258,10 @@ class BreakAScene(Method):
             names = [self.tokens[i] for i in idx]
             context = batch["general"][b]
             captions.append(join_phrases([f"a photo of {' and '.join(names)}"] + ([context] if context else [])))
-            for i, name in zip(idx, names):
+            for _i, name in zip(idx, names):
                 others = [n for n in names if n != name]
-                rest = join_phrases(([f"a photo of {' and '.join(others)}"] if others else []) + ([context] if context else []))
+                rest = join_phrases(([f"a photo of {' and '.join(others)}"] if others else [])
+                                    + ([context] if context else []))
                 if rest:
                     dd.append((b, f"a photo of {name}", rest))
             personal.append(f"a photo of {names[0]}")
@@ -329,7 +333,8 @@ class BreakAScene(Method):
         sdxl = self.backbone.family == "sdxl"
         if sdxl:  # diffusers' SDXL embedding keys, all tokens in one file, one token per file beside it
             embeds = dict(zip(SDXL_KEYS, rows))
-            single = {t: {k: r[i : i + 1].contiguous() for k, r in zip(SDXL_KEYS, rows)} for i, t in enumerate(self.tokens)}
+            single = {t: {k: r[i : i + 1].contiguous() for k, r in zip(SDXL_KEYS, rows)}
+                      for i, t in enumerate(self.tokens)}
         else:
             embeds = {t: rows[0][i : i + 1].contiguous() for i, t in enumerate(self.tokens)}
             single = {t: {t: v} for t, v in embeds.items()}
@@ -351,7 +356,8 @@ class BreakAScene(Method):
                 unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
             lora = LORA_FILE
             written.append(output_dir / LORA_FILE)
-        (output_dir / MANIFEST).write_text(json.dumps({"tokens": self.tokens, "embeddings": TI_FILE, "lora": lora}, indent=2))
+        (output_dir / MANIFEST).write_text(
+            json.dumps({"tokens": self.tokens, "embeddings": TI_FILE, "lora": lora}, indent=2))
         return written + [output_dir / MANIFEST]
 
     def loading_code(self, run: str, base: str) -> str:
@@ -364,8 +370,8 @@ class BreakAScene(Method):
                      f"tokens = {self.tokens!r}  # break_a_scene.json: tokens, in the rows' order\n"
                      "pipe.load_textual_inversion(list(state['clip_l']), token=tokens, text_encoder=pipe.text_encoder, "
                      "tokenizer=pipe.tokenizer)\n"
-                     "pipe.load_textual_inversion(list(state['clip_g']), token=tokens, text_encoder=pipe.text_encoder_2, "
-                     "tokenizer=pipe.tokenizer_2)\n")
+                     "pipe.load_textual_inversion(list(state['clip_g']), token=tokens, "
+                     "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n")
         else:
             code += (f"state = load_file({embeds!r})  # every subject token in one call\n"
                      "pipe.load_textual_inversion(list(state.values()), token=list(state))\n")

@@ -49,7 +49,8 @@ def custom_diffusion_processors(unet, train_q_out: bool) -> dict:
         if not attn.is_cross_attention:
             procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
             continue
-        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=train_q_out, hidden_size=attn.to_k.out_features,
+        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=train_q_out,
+                                               hidden_size=attn.to_k.out_features,
                                                cross_attention_dim=attn.to_k.in_features,
                                                out_bias=attn.to_out[0].bias is not None)
         weights = {"to_k_custom_diffusion.weight": attn.to_k.weight, "to_v_custom_diffusion.weight": attn.to_v.weight}
@@ -161,14 +162,16 @@ class CustomDiffusion(Method):
 
         family = self.backbone.family
         return (pipeline_lines(self.backbone, base, family == "sdxl")
-                + f"# _pipeline: diffusers 0.42 installs the processors only when given it (huggingface/diffusers#9320)\n"
+                + "# _pipeline: diffusers 0.42 installs the processors only when given it "
+                "(huggingface/diffusers#9320)\n"
                 f"pipe.unet.load_attn_procs({run!r}, weight_name={CD_FILE!r}, _pipeline=pipe)\n"
                 + embedding_loading_code(run, f"{self.token}.safetensors", self.token, family))
 
     def readme_notes(self) -> list[str]:
         return [f"- `{CD_FILE}`: one `CustomDiffusionAttnProcessor` per attention layer (k/v weights on "
                 "cross-attention, pass-through entries elsewhere), diffusers' `train_custom_diffusion.py` layout",
-                f"- `{self.token}.safetensors`: the modifier token (textual-inversion format); use `{self.token}` in prompts"]
+                f"- `{self.token}.safetensors`: the modifier token (textual-inversion format); "
+                f"use `{self.token}` in prompts"]
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:
@@ -182,8 +185,8 @@ class CustomDiffusion(Method):
         load_custom_diffusion_weights(pipeline.unet, output_dir / CD_FILE)
         token_files = [p for p in output_dir.glob("*.safetensors") if p.name != CD_FILE and p.name.startswith("<")]
         if len(token_files) != 1:
-            raise ModelLoadError(f"{output_dir}: expected one modifier-token file like '<new1>.safetensors' next to {CD_FILE}, "
-                                 f"found {len(token_files)}")
+            raise ModelLoadError(f"{output_dir}: expected one modifier-token file like '<new1>.safetensors' "
+                                 f"next to {CD_FILE}, found {len(token_files)}")
         load_embedding_file(pipeline, token_files[0])
 
     @staticmethod

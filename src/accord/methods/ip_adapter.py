@@ -8,9 +8,9 @@ loader (``UNet2DConditionModel._load_ip_adapter_weights``), so training runs the
 ``pipe.load_ip_adapter`` builds at inference. The CLIP image encoder (``method.image_encoder``) is frozen.
 
 Data: an image–caption folder (:class:`accord.data.captioned.CaptionedImages`) or a Hugging Face ``datasets``
-dataset streamed and sharded per process (``method.ip_dataset``: :class:`accord.data.streamed.StreamedCaptions`), with IP-Adapter's
-CFG dropout (``method.image_dropout``/``text_dropout``/``both_dropout``; a dropped image is a zero
-embedding, what the pipeline feeds its unconditional side).
+dataset streamed and sharded per process (``method.ip_dataset``: :class:`accord.data.streamed.StreamedCaptions`),
+with IP-Adapter's CFG dropout (``method.image_dropout``/``text_dropout``/``both_dropout``; a dropped image is a
+zero embedding, what the pipeline feeds its unconditional side).
 
 ACCORD's conditions (c_p is the image): joint = caption + image; personal = image only (empty text);
 general = caption with a zero image embedding; empty = empty text with a zero image embedding.
@@ -80,7 +80,8 @@ def initial_state(unet, image_embed_dim: int) -> dict:
 
 
 def ip_adapter_state(unet) -> dict[str, torch.Tensor]:
-    """The trained adapter of ``unet`` as the flat ``image_proj.*`` / ``ip_adapter.*`` dict ``load_ip_adapter`` reads."""
+    """The trained adapter of ``unet`` as the flat ``image_proj.*`` / ``ip_adapter.*`` dict ``load_ip_adapter``
+    reads."""
     proj = unet.encoder_hid_proj.image_projection_layers[0]
     out = {f"image_proj.{k.replace('image_embeds', 'proj')}": v for k, v in proj.state_dict().items()}
     processors = unet.attn_processors
@@ -139,8 +140,10 @@ class IPAdapter(Method):
         m = self.config.method
         self.encoder = load_image_encoder(m.image_encoder, m.image_encoder_subfolder)
         unet = self.backbone.denoiser
-        unet._load_ip_adapter_weights([initial_state(unet, self.encoder.config.projection_dim)], low_cpu_mem_usage=False)
-        self.adapter_modules = [unet.encoder_hid_proj] + [unet.attn_processors[n] for _, n in _cross_attention_names(unet)]
+        unet._load_ip_adapter_weights([initial_state(unet, self.encoder.config.projection_dim)],
+                                      low_cpu_mem_usage=False)
+        self.adapter_modules = ([unet.encoder_hid_proj]
+                                + [unet.attn_processors[n] for _, n in _cross_attention_names(unet)])
         for module in self.adapter_modules:
             module.to(self.backbone.device).requires_grad_(True)
 
@@ -228,7 +231,8 @@ class IPAdapter(Method):
     def readme_notes(self) -> list[str]:
         return [f"- `{IP_FILE}`: the adapter in the original IP-Adapter layout (`load_ip_adapter`); generate with "
                 "`pipe(prompt, ip_adapter_image=image)`",
-                f"- `{IP_CONFIG}`: `image_encoder_path` (+ subfolder), the CLIP image encoder to pass as `image_encoder`"]
+                f"- `{IP_CONFIG}`: `image_encoder_path` (+ subfolder), the CLIP image encoder to pass as "
+                "`image_encoder`"]
 
     @staticmethod
     def load_into(pipeline, output_dir: Path) -> None:

@@ -71,7 +71,8 @@ class LearnedTokens:
             for i, (weight, ids) in enumerate(zip(self.weights, self.ids)):
                 key = f"{prefix}.{i}"
                 if key not in state or state[key].shape != (len(ids), weight.shape[1]):
-                    raise AccordError(f"checkpoint lacks the learned token rows {key} of shape {(len(ids), weight.shape[1])}; "
+                    raise AccordError(f"checkpoint lacks the learned token rows {key} of shape "
+                                      f"{(len(ids), weight.shape[1])}; "
                                       "was it made by another method or with another method.num_vectors?")
                 weight[ids] = state[key].to(weight.device, weight.dtype)
 
@@ -101,8 +102,10 @@ def load_embedding_file(pipeline, path: Path) -> str:
     tensors, one per text encoder, so they take two calls (diffusers' documented SDXL recipe)::
 
         state = safetensors.torch.load_file(path)
-        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -110,7 +113,8 @@ def load_embedding_file(pipeline, path: Path) -> str:
     from ..errors import ModelLoadError
 
     if not path.is_file():
-        raise ModelLoadError(f"{path} not found; point at the output folder of a finished run (or a checkpoints/step-N folder)")
+        raise ModelLoadError(f"{path} not found; point at the output folder of a finished run "
+                             "(or a checkpoints/step-N folder)")
     with safe_open(str(path), framework="pt") as f:
         token = (f.metadata() or {}).get("token")
     state = load_file(str(path))
@@ -220,12 +224,13 @@ class TextualInversion(Method):
 
     def loading_code(self, run: str, base: str) -> str:
         family = self.backbone.family
-        return pipeline_lines(self.backbone, base, family == "sdxl") + embedding_loading_code(run, TI_FILE, self.token, family)
+        return (pipeline_lines(self.backbone, base, family == "sdxl")
+                + embedding_loading_code(run, TI_FILE, self.token, family))
 
     def readme_notes(self) -> list[str]:
         vectors = len(self.learned.tokens)
-        expand = f"; its {vectors} vectors load as `{'`, `'.join(self.learned.tokens)}`, the pipeline expands the token" \
-            if vectors > 1 else ""
+        expand = (f"; its {vectors} vectors load as `{'`, `'.join(self.learned.tokens)}`, "
+                  "the pipeline expands the token" if vectors > 1 else "")
         return [f"- `{TI_FILE}`: the token `{self.token}`{expand} (A1111/ComfyUI embeddings folder too); the header "
                 "holds the token name, kohya's `ss_*` metadata and an `accord` block"]
 

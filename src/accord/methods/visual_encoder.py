@@ -143,7 +143,7 @@ class VisualEncoderAdapter:
         self.encoder, self.mlp = encoder, mlp
 
     @classmethod
-    def from_folder(cls, folder, image_encoder=None) -> "VisualEncoderAdapter":
+    def from_folder(cls, folder, image_encoder=None) -> VisualEncoderAdapter:
         from safetensors.torch import load_file
 
         from ..errors import ModelLoadError
@@ -183,7 +183,8 @@ def generate_with_reference(pipeline, reference, prompt: str, negative_prompt: s
     xl = hasattr(pipeline, "text_encoder_2")
     if xl:
         embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
-            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt)
         kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
     else:
         embeds, negative = pipeline.encode_prompt(prompt, device, 1, True, negative_prompt=negative_prompt)
