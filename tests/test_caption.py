@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from accord import caption
+from accord.commands import caption as caption_cli
 from accord.data.captions import split_caption
 from accord.errors import ConfigError
 
@@ -22,8 +23,8 @@ def _folder(tmp_path, n=2):
 
 def _run(argv):
     parser = argparse.ArgumentParser()
-    caption.add_arguments(parser)
-    return caption.run(parser.parse_args(argv))
+    caption_cli.add_arguments(parser)
+    return caption_cli.run(parser.parse_args(argv))
 
 
 def test_template_mode_writes_sidecars_and_keeps_existing(tmp_path, capsys):

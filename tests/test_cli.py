@@ -38,3 +38,22 @@ def test_help_lists_commands():
     run = _run("--help")
     for command in ("train", "generate", "eval", "caption", "quickstart", "tiny"):
         assert command in run.stdout
+
+
+def test_command_modules_leave_their_libraries_to_run():
+    # Building a command's flags must not load what only running it needs: `accord --help` stays quick and a
+    # command whose optional dependency is missing still parses. A subprocess, for a clean sys.modules.
+    code = """
+import argparse, importlib, sys
+from accord.cli import COMMANDS
+modules = [m for m, _ in COMMANDS.values() if m.startswith("accord.commands.")]
+assert len(modules) >= 7, modules
+for module in modules:
+    importlib.import_module(module).add_arguments(argparse.ArgumentParser())
+heavy = ("diffusers", "transformers", "accelerate", "accord.train", "accord.generate", "accord.probe",
+         "accord.eval.harness")
+print(sorted(m for m in heavy if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

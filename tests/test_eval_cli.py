@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
+from accord.commands import eval as eval_cli
 from accord.errors import ConfigError, DataError
-from accord.eval import cli as eval_cli
 from accord.eval.benchmarks import (
     CATEGORIES,
     DREAMBENCH_CATEGORIES,

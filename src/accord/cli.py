@@ -6,19 +6,24 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
+# name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int; see accord.commands.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("accord.train_cli", "fine-tune a model on a folder of reference photos, with ACCORD's losses"),
-    "probe": ("accord.probe", "before training: Eq. 7's terms on your references and what each regularizer's "
-              "gradient would push"),
-    "generate": ("accord.generate", "generate images from a base model or a trained output (DDIM 50, CFG 7.5)"),
-    "eval": ("accord.eval.cli", "generate, score and report a benchmark (CLIP-T/I, DINO-I, BLIP-T, Gram-D, Face-Sim); "
+    "train": ("accord.commands.train", "fine-tune a model on a folder of reference photos, with ACCORD's losses"),
+    "probe": ("accord.commands.probe",
+              "before training: Eq. 7's terms on your references and what each regularizer's gradient would push"),
+    "generate": ("accord.commands.generate",
+                 "generate images from a base model or a trained output (DDIM 50, CFG 7.5)"),
+    "eval": ("accord.commands.eval",
+             "generate, score and report a benchmark (CLIP-T/I, DINO-I, BLIP-T, Gram-D, Face-Sim); "
              "--best-step picks a checkpoint"),
-    "caption": ("accord.caption", "write .txt caption sidecars with a vision-language model or a template"),
-    "quickstart": ("accord.quickstart", "offline demo: LoRA + DDLoss for a few steps on a tiny random model"),
-    "tiny": ("accord.testing.cli", "write a tiny random model (sd, sd-v, sdxl, flux) as a local diffusers folder"),
-    "demo": ("accord.lab.demo", "the coupling lab in minutes on a CPU: LoRA with and without ACCORD, leak rates, "
-             "report.html"),
+    "caption": ("accord.commands.caption",
+                "write .txt caption sidecars with a vision-language model or a template"),
+    "quickstart": ("accord.commands.quickstart", "offline demo: LoRA + DDLoss for a few steps on a tiny random model"),
+    "tiny": ("accord.commands.tiny",
+             "write a tiny random model (sd, sd-v, sdxl, flux, sd3) as a local diffusers folder"),
+    # the lab's two commands move into accord.commands later, in the same pattern
+    "demo": ("accord.lab.demo",
+             "the coupling lab in minutes on a CPU: LoRA with and without ACCORD, leak rates, report.html"),
     "lab": ("accord.lab.cli", "the synthetic coupling lab: pretrain its miniature models, bench every method"),
 }
 

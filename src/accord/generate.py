@@ -14,7 +14,7 @@ from .output import writable_folder
 # Each image's generator is seeded with seed * 1_000_003 + ...; torch's generators take 64-bit seeds.
 SEED_LIMIT = 2**63 // 1_000_003
 
-__all__ = ["generate", "add_arguments", "run"]
+__all__ = ["generate", "SEED_LIMIT"]
 
 
 def generate(source: str, prompts: list[str], output: Path, *, num_images: int = 4, steps: int = 50,
@@ -64,33 +64,3 @@ def generate(source: str, prompts: list[str], output: Path, *, num_images: int =
         rows.append(row)
     image_grid([im for row in rows for im in row], rows=len(rows), cols=num_images).save(output / "grid.png")
     return written
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("model", help="a run's output folder (or checkpoints/step-N), a diffusers folder, or a hub id")
-    parser.add_argument("--prompt", action="append", default=[], help="prompt (repeatable)")
-    parser.add_argument("--prompts-file", help="text file, one prompt per line")
-    parser.add_argument("--output", default="accord-samples", help="folder for the PNGs and grid.png")
-    parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=50, help="inference steps (paper: DDIM 50)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (paper: 7.5)")
-    parser.add_argument("--scheduler", choices=("ddim", "model"), default="ddim",
-                        help="DDIM, or the model's own scheduler")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-
-
-def run(args) -> int:
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise AccordError(f"--prompts-file {path} not found")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    written = generate(args.model, prompts, Path(args.output), num_images=args.num_images, steps=args.steps,
-                       guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
-                       scheduler=args.scheduler, device=args.device)
-    print(f"wrote {len(written)} images and grid.png to {args.output}")
-    return 0

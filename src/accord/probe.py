@@ -11,7 +11,7 @@ element (:func:`accord.losses.dependence_terms`):
   trained parameters (``share_dd``: below ~1 % DDLoss is inert at that weight).
 
 Output: a table per caption and timestep band on the console, ``probe.json`` and ``probe.html`` (bars per caption,
-the terms over t). No weights change.
+the terms over t). No weights change. The command's flags are in :mod:`accord.commands.probe`.
 """
 
 from __future__ import annotations
@@ -27,40 +27,13 @@ import torch
 
 from .errors import AccordError
 
-__all__ = ["add_arguments", "run", "probe", "BANDS", "TERMS"]
+__all__ = ["probe", "probe_batch", "format_table", "reading", "write", "BANDS", "TERMS"]
 
 #: Timestep bands on a 0–1000 scale (fraction of the training grid × 1000).
 BANDS = (("t<300", 0, 300), ("300-700", 300, 700), ("t>700", 700, 1001))
 TERMS = ("eq7_personal", "eq7_general", "eq7_null", "eq7_shift", "eq7_additivity", "eq7_alignment")
 _SHORT = {"eq7_personal": "|Uj-Up|2", "eq7_general": "|Uj-Ug|2", "eq7_null": "|Uj-U0|2", "eq7_shift": "Delta",
           "eq7_additivity": "additivity", "eq7_alignment": "alignment"}
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("config", help="a training config (YAML), as for accord train")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config key (repeatable), as for accord train")
-    parser.add_argument("--out", help="folder for probe.json and probe.html (default: train.output_dir/probe)")
-    parser.add_argument("--timesteps", type=int, default=9, help="timesteps per caption, spread over the grid")
-    parser.add_argument("--captions", type=int, help="probe only the first N references (default: all)")
-
-
-def run(args) -> int:
-    from .config import load_config
-
-    if args.timesteps < 1:
-        raise AccordError(f"--timesteps {args.timesteps}: give at least 1")
-    if args.captions is not None and args.captions < 1:
-        raise AccordError(f"--captions {args.captions}: give at least 1, or leave it out for all")
-    config = load_config(args.config, args.set)
-    out = Path(args.out) if args.out else Path(config.train.output_dir) / "probe"
-    result = probe(config, num_timesteps=args.timesteps, max_captions=args.captions)
-    print(format_table(result))
-    for line in reading(result):
-        print(line)
-    paths = write(result, out)
-    print(f"wrote {', '.join(str(p) for p in paths)}")
-    return 0
 
 
 def probe(config, num_timesteps: int = 9, max_captions: int | None = None, generator_seed: int | None = None) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .config import describe_keys, load_config
-from .errors import ConfigError
+from ..config import describe_keys, load_config
+from ..errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .train import train
+    from ..train import train
 
     if args.config is None and not args.overrides:
         print("accord train: give a CONFIG.yaml (see examples/) or --set keys; --help lists every key")

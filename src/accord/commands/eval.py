@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prompts(args, token: str):
-    from .benchmarks import dreambench_prompts, folder_prompts, stylebench_prompts
+    from ..eval.benchmarks import dreambench_prompts, folder_prompts, stylebench_prompts
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     if args.benchmark == "dreambench":
@@ -110,8 +110,8 @@ def _token(args) -> str:
 
 
 def _metric_settings(args, device: str):
-    from .harness import MetricSettings
-    from .images import load_segmenter
+    from ..eval.harness import MetricSettings
+    from ..eval.images import load_segmenter
 
     return MetricSettings(
         clip_model=args.clip_model,
@@ -142,8 +142,8 @@ def _check(args) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .harness import build_metrics, generate_rows, parse_metric_names, read_manifest, score_rows, summarize
-    from .report import write_report
+    from ..eval.harness import build_metrics, generate_rows, parse_metric_names, read_manifest, score_rows, summarize
+    from ..eval.report import write_report
 
     _check(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
 
     if args.best_step:
-        from .best_step import select_best_step
+        from ..eval.best_step import select_best_step
 
         result = select_best_step(args.model, prompts, names, args.best_step, out, settings, gen,
                                   base_model=args.base_model, device=device, dtype=dtype, scheduler=args.scheduler,
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = build_metrics(names, settings)  # load (and fail on) the metric models before generating
     if args.model:
-        from .pipelines import load_pipeline
+        from ..eval.pipelines import load_pipeline
 
         pipe = load_pipeline(args.model, device=device, dtype=dtype, base_model=args.base_model,
                              scheduler=args.scheduler)
