@@ -25,8 +25,8 @@ from ..eval.best_step import Criterion
 from .report import _html, _markdown, ci95, per_seed
 
 __all__ = ["V2_STEPS", "V2_EVAL_AT", "V2_SEEDS", "QUICK", "TOLERANCE", "TARGET", "BEST_STEP", "quick_prompts",
-           "run_setting_v2", "summarize_steps", "curves", "match_step", "best_step", "relative_change", "compare",
-           "write_report_v2"]
+           "run_setting_v2", "run_bench_v2", "summarize_steps", "curves", "match_step", "best_step",
+           "relative_change", "compare", "write_report_v2"]
 
 # The paper trains LoRA, DreamBooth, Textual Inversion and Custom Diffusion the same 1,000 steps (Break-A-Scene
 # 400 + 400); the lab's protocol 1 stops at 150. v2 trains every method 4x longer, to 600, one horizon for all as
@@ -129,6 +129,39 @@ def run_setting_v2(s, root: Path, judge, eval_at: tuple, weights: Path | None = 
         done[k] = record
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the final weights stay in the run folder
     return [done[k] for k in eval_at]
+
+
+def run_bench_v2(settings: list, folder: Path, eval_at: tuple, *, title: str, intro: str,
+                 reference_step: int | None = None, weights: Path | None = None,
+                 progress: bool = True) -> tuple[list[dict], Path, float]:
+    """Run every setting under protocol v2 (resuming), then write ``evals.json``, ``summary.md`` and ``report.html``."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ..errors import AccordError
+    from .experiment import quiet
+    from .judge import Judge
+
+    quiet()
+    task = settings[0].task
+    for done in sorted((folder / "runs-v2").glob("*/eval-step-*.json")):
+        other = json.loads(done.read_text())["setting"]["task"]
+        if other != task.name:
+            raise AccordError(f"{folder} holds protocol-v2 runs of task {other!r} ({done.parent.name}); give task "
+                              f"{task.name!r} its own --output folder")
+    t0 = time.time()
+    judge = Judge(weights)
+    evals = []
+    bar = tqdm(settings, desc="lab runs (protocol 2)", disable=not progress)
+    for s in bar:
+        bar.set_postfix_str(s.name)
+        evals += run_setting_v2(s, folder, judge, eval_at, weights=weights, progress=progress)
+    seconds = time.time() - t0
+    (folder / "evals.json").write_text(json.dumps(evals))
+    report = write_report_v2(folder, evals, title=title, intro=intro + f" Wall time: {seconds / 60:.1f} min.",
+                             reference_step=reference_step, task=task)
+    return evals, report, seconds
 
 
 # ---------------------------------------------------------------------------- aggregation (pure)
