@@ -212,7 +212,7 @@ def match_step(rows: list[dict], target: float, tolerance: float = TOLERANCE) ->
     """The row (one regularizer's steps) whose mean fidelity is closest to ``target``, if within ``tolerance``
     (fidelity is a share: 0.05 = 5 points); the earlier step on a tie; None when no step is within."""
     near = [r for r in rows if abs(r["fidelity"][0] - target) <= tolerance + 1e-12]
-    return min(near, key=lambda r: (abs(r["fidelity"][0] - target), r["step"])) if near else None
+    return min(near, key=lambda r: (round(abs(r["fidelity"][0] - target), 9), r["step"])) if near else None
 
 
 def best_step(rows: list[dict], criterion: Criterion = BEST_STEP) -> dict:
@@ -346,7 +346,8 @@ def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, 
     folder.mkdir(parents=True, exist_ok=True)
     rows = summarize_steps(evals)
     cmp = compare(rows, reference_step)
-    method_text = (f"Matched fidelity: the baseline (`none`) at step {reference_step or 'its last'} against the "
+    at = f"step {reference_step}" if reference_step else "its last step"
+    method_text = (f"Matched fidelity: the baseline (`none`) at {at} against the "
                    f"regularizer's step with the closest mean fidelity, within ±{100 * TOLERANCE:.0f} points (else no "
                    f"match). Best step: each at the step maximising {BEST_STEP.text} (means over seeds), a match when "
                    f"their fidelities are within ±{100 * TOLERANCE:.0f} points. Relative leak change: mean per-seed "
