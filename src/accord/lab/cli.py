@@ -20,7 +20,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: proves the recipe runs")
     b = sub.add_parser("bench", help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
-    b.add_argument("--output", default="accord-lab-bench", help="run folder (report.html, summary.md, runs/)")
+    b.add_argument("--output", help="run folder (report.html, summary.md, runs/; default: accord-lab-bench, "
+                   "protocol 2: accord-lab-bench-v2)")
     b.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion", "custom_diffusion", "break_a_scene"])
     b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, dd-anchored, dd-alignment, dd-composition@WEIGHT are DDLoss's other forms (accord.dd_variant; docs/regularizers.md)")
     b.add_argument("--seeds", type=int, help="training seeds per setting (default: 3; protocol 2: 5)")
@@ -100,8 +101,9 @@ def _bench(args) -> int:
     intro = (f"{len(settings)} runs on task {task.name}: {', '.join(args.methods)}; {args.seeds} seed(s); "
              f"{args.steps} steps; "
              f"{args.images} images per prompt. 95% t-intervals over seeds.")
-    results, report, seconds = run_experiment(settings, Path(args.output), title="accord lab bench", intro=intro,
-                                              weights=args.weights, progress=not args.no_progress)
+    results, report, seconds = run_experiment(settings, Path(args.output or "accord-lab-bench"),
+                                              title="accord lab bench", intro=intro, weights=args.weights,
+                                              progress=not args.no_progress)
     print(format_table(summarize(results)))
     print(f"\nreport: {report}  ({seconds / 60:.1f} min)")
     return 0
@@ -147,7 +149,7 @@ def _bench_v2(args, task) -> int:
              f"{', '.join(args.methods)}; {seeds} seed(s); {steps} steps, evaluated at steps "
              f"{', '.join(map(str, eval_at))}; {len(settings[0].prompts)} prompts x {images} images per prompt. "
              "95% t-intervals over seeds.")
-    folder = Path(args.output if args.output != "accord-lab-bench" else "accord-lab-bench-v2")
+    folder = Path(args.output or "accord-lab-bench-v2")
     evals, report, seconds = run_bench_v2(settings, folder, eval_at, title="accord lab bench, protocol 2",
                                           intro=intro, reference_step=args.reference_step, weights=args.weights,
                                           progress=not args.no_progress)
