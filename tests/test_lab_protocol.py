@@ -61,7 +61,7 @@ def test_best_step_maximises_the_mean_of_text_accuracy_and_fidelity():
 
 def test_relative_change_is_a_paired_t_interval_over_the_baselines_mean():
     # differences -0.3, -0.4: mean -0.35, sd 0.0707, half 12.706 * 0.0707 / sqrt(2) = 0.6353; baseline mean 0.5
-    rel, low, high, n = P.relative_change({0: 0.4, 1: 0.6}, {0: 0.1, 1: 0.2, 7: 0.9})  # seed 7 has no pair
+    rel, low, high, n = P.relative_change({0: 0.4, 1: 0.6, 9: 0.0}, {0: 0.1, 1: 0.2, 7: 0.9})  # 7, 9: no pair
     assert n == 2 and rel == pytest.approx(-0.7)
     assert low == pytest.approx((-0.35 - 0.6353) / 0.5, abs=1e-3) and high == pytest.approx((-0.35 + 0.6353) / 0.5,
                                                                                               abs=1e-3)
