@@ -197,5 +197,6 @@ def test_bench_v2_resumes_where_it_stopped(tmp_path, monkeypatch):
     (run / "eval-step-2.json").unlink()  # a lost result of the last step: evaluated again from the final weights
     assert main(argv) == 0
     assert calls == {"eval": ["lora-none-s0"], "train": [], "stop": None}
-    assert "curve-lora.png" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "curve-lora.png" in page and "samples-lora-dd-s0.png" in page and (out / "samples-lora-dd-s0.png").is_file()
     assert "| lora | dd | 2 | 1 |" in (out / "summary.md").read_text()

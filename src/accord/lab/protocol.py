@@ -182,8 +182,8 @@ def _per_seed(evals: list[dict]) -> dict[tuple, dict[int, dict]]:
 def summarize_steps(evals: list[dict]) -> list[dict]:
     """One row per (method, regularizer, step), in first-seen (method, regularizer) order and by step: leak, text
     accuracy and fidelity as (mean, 95% t half-width) over seeds, the seed count and the per-seed values."""
-    rows = []
-    for key, seeds in sorted(_per_seed(evals).items(), key=lambda kv: (_order(evals)[kv[0][:2]], kv[0][2])):
+    rows, order = [], _order(evals)
+    for key, seeds in sorted(_per_seed(evals).items(), key=lambda kv: (order[kv[0][:2]], kv[0][2])):
         row = {"method": key[0], "regularizer": key[1], "step": key[2], "seeds": len(seeds),
                "per_seed": {m: {sd: v[m] for sd, v in seeds.items()} for m in _METRICS}}
         for m in _METRICS:
@@ -339,6 +339,22 @@ def curve_plot(method: str, data: dict[str, list[tuple]], path: Path) -> Path:
     return path
 
 
+def _grids(folder: Path, evals: list[dict]) -> dict[str, Path]:
+    """Sample grids of each (method, regularizer)'s first seed at the last step, where its samples are on disk."""
+    from .report import sample_grid
+
+    if not evals:
+        return {}
+    first = min(r["setting"]["seed"] for r in evals)
+    grids = {}
+    for r in evals:
+        samples = folder / "runs-v2" / r["name"] / "samples.npy"
+        if r["setting"]["seed"] == first and r["step"] == r["setting"]["steps"] and samples.is_file():
+            key = f"{r['setting']['method']} + {r['setting']['regularizer']}"
+            grids[key] = sample_grid(r, np.load(samples), folder / f"samples-{r['name']}.png")
+    return grids
+
+
 def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, reference_step: int | None = None,
                     task=None) -> Path:
     """``summary.md`` and ``report.html`` of a protocol-v2 bench: the per-step table, the curves, the matched
@@ -358,6 +374,7 @@ def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, 
           "", "## Matched fidelity", "", method_text, "", _markdown(_CMP_HEAD, [_cmp_cells(r) for r in cmp]), ""]
     (folder / "summary.md").write_text("\n".join(md))
     figures = [curve_plot(m, data, folder / f"curve-{m}.png") for m, data in curves(rows).items()]
+    grids = _grids(folder, evals)
     about = f"<p>Task <b>{html.escape(task.name)}</b>: {html.escape(task.description)}</p>" if task else ""
     parts = [f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{about}",
              "<h2>Leak vs fidelity over training</h2><p>"
@@ -366,6 +383,11 @@ def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, 
              _html(_CMP_HEAD, [_cmp_cells(r) for r in cmp]),
              "<h2>Per step</h2><p>Mean ± 95% t-interval over seeds.</p>",
              _html(_STEP_HEAD, [_step_cells(r) for r in rows])]
+    if grids:
+        parts.append("<h2>Samples at the last step</h2><p>Rows: the evaluation prompts, in order; columns: images "
+                     "(first seed).</p><div style='display:flex;gap:16px;flex-wrap:wrap'>" + "".join(
+                         f"<figure><img src='{html.escape(p.name)}'><figcaption>{html.escape(n)}</figcaption></figure>"
+                         for n, p in grids.items()) + "</div>")
     style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;"
              "padding:3px 6px}table{border-collapse:collapse}</style>")
     out = folder / "report.html"
