@@ -349,7 +349,7 @@ def _grids(folder: Path, evals: list[dict]) -> dict[str, Path]:
     grids = {}
     for r in evals:
         samples = folder / "runs-v2" / r["name"] / "samples.npy"
-        if r["setting"]["seed"] == first and r["step"] == r["setting"]["steps"] and samples.is_file():
+        if r["setting"]["seed"] == first and r["step"] == r["setting"].get("steps") and samples.is_file():
             key = f"{r['setting']['method']} + {r['setting']['regularizer']}"
             grids[key] = sample_grid(r, np.load(samples), folder / f"samples-{r['name']}.png")
     return grids
