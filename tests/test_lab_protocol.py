@@ -200,3 +200,22 @@ def test_bench_v2_resumes_where_it_stopped(tmp_path, monkeypatch):
     page = (out / "report.html").read_text()
     assert "curve-lora.png" in page and "samples-lora-dd-s0.png" in page and (out / "samples-lora-dd-s0.png").is_file()
     assert "| lora | dd | 2 | 1 |" in (out / "summary.md").read_text()
+
+
+def test_a_folder_resumes_only_the_same_settings(tmp_path):
+    from accord.errors import AccordError
+    from accord.lab.runner import Setting
+
+    s = Setting(method="lora", regularizer="none", seed=0, steps=4, images_per_prompt=1, checkpoints=0)
+    run = tmp_path / "runs-v2" / s.name
+    run.mkdir(parents=True)
+    record = _eval("lora", "none", 0, 2, 0.1)
+    record["setting"].update(steps=6, images_per_prompt=1, batch_size=4, sample_steps=25, guidance=5.0,
+                             prompts=len(s.prompts), task=s.task.name)
+    P.eval_file(run, 2).write_text(json.dumps(record))
+    with pytest.raises(AccordError, match=r"eval-step-2.json was evaluated with other settings \(steps\)"):
+        P.run_setting_v2(s, tmp_path, None, (2, 4))
+    record["setting"]["steps"] = 4
+    P.eval_file(run, 2).write_text(json.dumps(record))
+    P.eval_file(run, 4).write_text(json.dumps({**record, "step": 4}))
+    assert [r["step"] for r in P.run_setting_v2(s, tmp_path, None, (2, 4))] == [2, 4]  # all done: nothing runs

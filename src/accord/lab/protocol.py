@@ -100,23 +100,27 @@ def run_setting_v2(s, root: Path, judge, eval_at: tuple, weights: Path | None = 
                    progress: bool = False) -> list[dict]:
     """Protocol v2 for one setting (``s.steps`` is the horizon): the evaluation record of every step of
     ``eval_at``, reusing those already on disk and writing each new one as soon as it is done."""
-    from ..inference import load_trained
+    from ..errors import AccordError
+    from ..inference import is_trained_output, load_trained
     from .runner import METHODS, evaluate, references
 
     trigger = METHODS[s.method]["trigger"]
     out = root / "runs-v2" / s.name
+    setting = {"method": s.method, "regularizer": s.regularizer, "seed": s.seed, "steps": s.steps,
+               "batch_size": s.batch_size, "images_per_prompt": s.images_per_prompt, "sample_steps": s.sample_steps,
+               "guidance": s.guidance, "prompts": len(s.prompts), "task": s.task.name}
     done = {k: json.loads(eval_file(out, k).read_text()) for k in eval_at if eval_file(out, k).is_file()}
+    for k, record in done.items():
+        differs = sorted(key for key, v in setting.items() if record["setting"].get(key) != v)
+        if differs:
+            raise AccordError(f"{eval_file(out, k)} was evaluated with other settings ({', '.join(differs)}); give "
+                              "this bench its own --output folder (a folder resumes only the same settings)")
     pending = [k for k in eval_at if k not in done]
     if not pending:
         return [done[k] for k in eval_at]
     refs = references(root / "references" / s.method, trigger, s.method, s.task)
-    from ..inference import is_trained_output
-
     if not (pending == [s.steps] and is_trained_output(out)):  # the final weights stay in the run folder
         _train(s, out, refs, eval_at, pending, weights, progress)
-    setting = {"method": s.method, "regularizer": s.regularizer, "seed": s.seed, "steps": s.steps,
-               "batch_size": s.batch_size, "images_per_prompt": s.images_per_prompt, "sample_steps": s.sample_steps,
-               "guidance": s.guidance, "prompts": len(s.prompts), "task": s.task.name}
     for k in pending:
         ckpt = _checkpoints(out).get(k, out if k == s.steps else None)
         rows, images = evaluate(load_trained(ckpt), s, refs, trigger, judge)
