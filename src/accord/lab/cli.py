@@ -20,13 +20,23 @@ def add_arguments(parser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: proves the recipe runs")
     b = sub.add_parser("bench", help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
-    b.add_argument("--output", default="accord-lab-bench", help="run folder (report.html, summary.md, runs/)")
+    b.add_argument("--output", help="run folder (report.html, summary.md, runs/; default: accord-lab-bench, "
+                   "protocol 2: accord-lab-bench-v2)")
     b.add_argument("--methods", nargs="+", help="methods to bench (default: every method with a lab recipe, all but "
                    "the image-encoder ones)")
     b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, dd-anchored, dd-alignment, dd-composition@WEIGHT are DDLoss's other forms (accord.dd_variant; docs/regularizers.md)")
-    b.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
-    b.add_argument("--steps", type=int, default=150, help="training steps per run")
-    b.add_argument("--images", type=int, default=4, help="images per evaluation prompt")
+    b.add_argument("--seeds", type=int, help="training seeds per setting (default: 3; protocol 2: 5)")
+    b.add_argument("--steps", type=int, help="training steps per run (default: 150; protocol 2: 600, or the last "
+                   "--eval-at step)")
+    b.add_argument("--images", type=int, help="images per evaluation prompt (default: 4)")
+    b.add_argument("--protocol", type=int, choices=(1, 2), default=1,
+                   help="1: evaluate each run's final weights (the published numbers); 2: train to the longer "
+                   "horizon, evaluate every --eval-at checkpoint, compare at matched fidelity (docs/lab.md)")
+    b.add_argument("--eval-at", help="protocol 2: comma-separated steps to evaluate (default: 150,300,450,600)")
+    b.add_argument("--reference-step", type=int, help="protocol 2: the baseline's step that matched fidelity "
+                   "compares at (default: the last --eval-at step)")
+    b.add_argument("--quick", action="store_true", help="protocol 2's quick subset: 2 seeds, 100 steps evaluated at "
+                   "50 and 100, 2 images, one prompt per category and one control (explicit options override)")
     b.add_argument("--sample-steps", type=int, default=25)
     b.add_argument("--weights", help="lab weights folder (default: the shipped one)")
     b.add_argument("--task", help="task YAML file, or a shipped task's name (default: object-object; docs/lab.md)")
@@ -78,6 +88,14 @@ def _bench(args) -> int:
                               f"(PDLoss and ClassDiffusion need textual_inversion or custom_diffusion; prior needs "
                               "dreambooth or custom_diffusion)")
     task = load_task(args.task) if args.task else default_task()
+    if args.protocol == 2:
+        return _bench_v2(args, task)
+    for opt in ("eval_at", "reference_step", "quick"):
+        if getattr(args, opt):
+            raise AccordError(f"--{opt.replace('_', '-')} applies only to --protocol 2")
+    args.seeds = 3 if args.seeds is None else args.seeds
+    args.steps = 150 if args.steps is None else args.steps
+    args.images = 4 if args.images is None else args.images
     if not 1 <= args.seeds <= len(task.seeds):
         raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(task.seeds)} (the task's fixed seeds)")
     settings = [Setting(method=m, regularizer=r, seed=seed, steps=args.steps, images_per_prompt=args.images,
@@ -87,9 +105,59 @@ def _bench(args) -> int:
     intro = (f"{len(settings)} runs on task {task.name}: {', '.join(args.methods)}; {args.seeds} seed(s); "
              f"{args.steps} steps; "
              f"{args.images} images per prompt. 95% t-intervals over seeds.")
-    results, report, seconds = run_experiment(settings, Path(args.output), title="accord lab bench", intro=intro,
-                                              weights=args.weights, progress=not args.no_progress)
+    results, report, seconds = run_experiment(settings, Path(args.output or "accord-lab-bench"),
+                                              title="accord lab bench", intro=intro, weights=args.weights,
+                                              progress=not args.no_progress)
     print(format_table(summarize(results)))
+    print(f"\nreport: {report}  ({seconds / 60:.1f} min)")
+    return 0
+
+
+def _eval_steps(text: str) -> tuple[int, ...]:
+    from ..errors import AccordError
+
+    try:
+        steps = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        steps = ()
+    if not steps or steps[0] < 1:
+        raise AccordError(f"--eval-at {text!r}: give positive step numbers separated by commas, e.g. 150,300,450,600")
+    return steps
+
+
+def _bench_v2(args, task) -> int:
+    from ..errors import AccordError
+    from .protocol import QUICK, V2_EVAL_AT, V2_SEEDS, V2_STEPS, quick_prompts, run_bench_v2
+    from .runner import Setting, applies, settings_for
+
+    quick = QUICK if args.quick else {}
+    eval_at = _eval_steps(args.eval_at) if args.eval_at else quick.get("eval_at")
+    steps = args.steps or (eval_at[-1] if eval_at else quick.get("steps", V2_STEPS))
+    eval_at = eval_at or (V2_EVAL_AT if steps == V2_STEPS else tuple(sorted({steps * k // 4 for k in (1, 2, 3, 4)})))
+    if eval_at[-1] > steps:
+        raise AccordError(f"--eval-at {','.join(map(str, eval_at))}: steps beyond --steps {steps}; raise --steps or "
+                          "drop them")
+    seeds = args.seeds or quick.get("seeds", V2_SEEDS)
+    images = args.images or quick.get("images", 4)
+    if not 1 <= seeds <= len(task.seeds):
+        raise AccordError(f"--seeds {seeds}: choose 1 to {len(task.seeds)} (the task's fixed seeds)")
+    if args.reference_step is not None and args.reference_step not in eval_at:
+        raise AccordError(f"--reference-step {args.reference_step}: choose one of the --eval-at steps "
+                          f"{','.join(map(str, eval_at))}")
+    prompts = quick_prompts(task) if args.quick else None
+    settings = [Setting(method=m, regularizer=r, seed=seed, steps=steps, images_per_prompt=images,
+                        sample_steps=args.sample_steps, checkpoints=0, prompts=prompts, task=task)
+                for seed in task.seeds[:seeds] for m in args.methods
+                for r in (args.regularizers or settings_for(m)) if applies(r, m)]
+    intro = (f"Protocol 2{' (quick subset)' if args.quick else ''}: {len(settings)} runs on task {task.name}: "
+             f"{', '.join(args.methods)}; {seeds} seed(s); {steps} steps, evaluated at steps "
+             f"{', '.join(map(str, eval_at))}; {len(settings[0].prompts)} prompts x {images} images per prompt. "
+             "95% t-intervals over seeds.")
+    folder = Path(args.output or "accord-lab-bench-v2")
+    evals, report, seconds = run_bench_v2(settings, folder, eval_at, title="accord lab bench, protocol 2",
+                                          intro=intro, reference_step=args.reference_step, weights=args.weights,
+                                          progress=not args.no_progress)
+    print((folder / "summary.md").read_text())
     print(f"\nreport: {report}  ({seconds / 60:.1f} min)")
     return 0
 

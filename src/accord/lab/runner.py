@@ -20,7 +20,8 @@ from ..errors import AccordError
 from . import task
 from .judge import Judge, model_dir
 
-__all__ = ["METHODS", "REGULARIZERS", "Setting", "applies", "dependence_terms", "regularizer_config", "run_setting", "settings_for"]
+__all__ = ["METHODS", "REGULARIZERS", "Setting", "applies", "dependence_terms", "evaluate", "regularizer_config",
+           "run_setting", "settings_for"]
 
 # Per-method recipe (the paper's Sec. 4 hyper-parameters scaled to the lab: lr, trigger, trained parts), keyed by
 # the registered method's name (accord.methods); the methods conditioned on an image encoder (visual_encoder,
@@ -240,6 +241,32 @@ def dependence_terms(pipe, refs: Path, trigger: str, seed: int = 1234, draws: in
     return {k: torch.cat(v).mean().item() for k, v in parts.items()}
 
 
+def evaluate(pipe, s: Setting, refs: Path, trigger: str, judge: Judge) -> tuple[list[dict], list[np.ndarray]]:
+    """Sample ``s.prompts`` with ``pipe`` and judge every image: one row per image (the task's scores, mini-CLIP-T
+    against the class prompt, mini-CLIP-I against the references) and the images."""
+    from PIL import Image
+
+    prompts = [s.task.prompt_text(p, trigger) for p in s.prompts]
+    images = sample(pipe, prompts, s)
+    detected = judge.detect(images)
+    ref_feats = judge.image_features([np.asarray(Image.open(p).convert("RGB"))
+                                      for p in _reference_images(refs)])
+    img_feats = judge.image_features(images)
+    class_prompts = [s.task.class_prompt(p) for p in s.prompts]
+    txt_feats = judge.text_features(class_prompts)
+    rows = []
+    n = s.images_per_prompt
+    for i, p in enumerate(s.prompts):
+        for k in range(n):
+            j = i * n + k
+            r = s.task.score(prompts[i], detected[j], trigger)
+            r.update(prompt=p.text, category=p.category, asks_coupled=p.asks_coupled,
+                     clip_t=100 * float(img_feats[j] @ txt_feats[i]),
+                     clip_i=100 * float((img_feats[j] @ ref_feats.T).mean()))
+            rows.append(r)
+    return rows, images
+
+
 def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = None, progress: bool = False) -> dict:
     """Train, sample and judge one setting; writes ``<root>/<name>/result.json`` and returns it."""
     from ..inference import load_trained
@@ -260,23 +287,7 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
     if s.checkpoints:
         terms[s.steps] = dependence_terms(pipe, refs, trigger)
     shifts = {k: v["shift"] for k, v in terms.items()}
-    prompts = [s.task.prompt_text(p, trigger) for p in s.prompts]
-    images = sample(pipe, prompts, s)
-    detected = judge.detect(images)
-    ref_feats = judge.image_features([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"))
-                                      for p in _reference_images(refs)])
-    img_feats = judge.image_features(images)
-    class_prompts = [s.task.class_prompt(p) for p in s.prompts]
-    txt_feats = judge.text_features(class_prompts)
-    rows = []
-    n = s.images_per_prompt
-    for i, p in enumerate(s.prompts):
-        for k in range(n):
-            j = i * n + k
-            r = s.task.score(prompts[i], detected[j], trigger)
-            r.update(prompt=p.text, category=p.category, asks_coupled=p.asks_coupled,
-                     clip_t=100 * float(img_feats[j] @ txt_feats[i]), clip_i=100 * float((img_feats[j] @ ref_feats.T).mean()))
-            rows.append(r)
+    rows, images = evaluate(pipe, s, refs, trigger, judge)
     np.save(out / "samples.npy", np.stack(images))
     setting = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("prompts", "task")}
     result = {"setting": {**setting, "task": s.task.name}, "name": s.name, "rows": rows,
