@@ -130,7 +130,7 @@ def test_terms_summary_takes_each_runs_last_checkpoint_and_the_base():
 def test_pretrain_cli_offers_every_stage():
     import argparse
 
-    from accord.lab.cli import add_arguments
+    from accord.commands.lab import add_arguments
     from accord.lab.pretrain import STAGES
 
     parser = argparse.ArgumentParser()

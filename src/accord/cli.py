@@ -21,10 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("accord.commands.quickstart", "offline demo: LoRA + DDLoss for a few steps on a tiny random model"),
     "tiny": ("accord.commands.tiny",
              "write a tiny random model (sd, sd-v, sdxl, flux, sd3) as a local diffusers folder"),
-    # the lab's two commands move into accord.commands later, in the same pattern
-    "demo": ("accord.lab.demo",
+    "demo": ("accord.commands.demo",
              "the coupling lab in minutes on a CPU: LoRA with and without ACCORD, leak rates, report.html"),
-    "lab": ("accord.lab.cli", "the synthetic coupling lab: pretrain its miniature models, bench every method"),
+    "lab": ("accord.commands.lab", "the synthetic coupling lab: pretrain its miniature models, bench every method"),
 }
 
 

@@ -64,7 +64,8 @@ def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: 
                           grids=grids, notes=notes(results) if callable(notes) else (notes or ""), task=task)
     per_category = "".join(f"\n### {c}\n\n{format_table(summarize(results, c))}\n" for c in task.categories)
     terms = summarize_terms(results)
-    terms_md = f"\n### Eq. 7's terms (nats per element, base → last checkpoint)\n\n{format_terms(terms)}\n" if terms else ""
+    terms_md = (f"\n### Eq. 7's terms (nats per element, base → last checkpoint)\n\n{format_terms(terms)}\n"
+                if terms else "")
     (folder / "summary.md").write_text(format_table(summarize(results)) + "\n" + per_category + terms_md)
     (folder / "results.json").write_text(json.dumps(results))
     return results, report, seconds

@@ -141,7 +141,8 @@ def leak_bars(rows: list[dict], path: Path, title: str = "leak rate (coupled obj
     means = [100 * r["leak"][0] for r in rows]
     errs = [0 if math.isnan(r["leak"][1]) else 100 * r["leak"][1] for r in rows]
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 1), 3.2))
-    ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=["#c44" if r["regularizer"] == "none" else "#48c" for r in rows])
+    ax.bar(range(len(rows)), means, yerr=errs, capsize=4,
+           color=["#c44" if r["regularizer"] == "none" else "#48c" for r in rows])
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("% of images (95% CI over seeds)")
     ax.set_ylim(0, 100)
@@ -222,8 +223,10 @@ def write_report(folder: Path, results: list[dict], *, title: str, intro: str, g
     parts.append("<div style='display:flex;gap:16px;flex-wrap:wrap'>" + "".join(
         f"<figure><img src='{html.escape(p.name)}'><figcaption>{html.escape(name)}</figcaption></figure>"
         for name, p in grids.items()) + "</div>")
-    style = "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}</style>"
+    style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             "td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}</style>")
     out = folder / "report.html"
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}</head><body>"
+    out.write_text("<!doctype html><html><head><meta charset='utf-8'>"
+                   f"<title>{html.escape(title)}</title>{style}</head><body>"
                    + "".join(parts) + "</body></html>")
     return out

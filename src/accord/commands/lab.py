@@ -12,19 +12,25 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="lab_command", metavar="SUBCOMMAND")
-    p = sub.add_parser("pretrain", help="train the lab's autoencoder, mini-CLIP, detector and text-to-image UNet from scratch")
+    p = sub.add_parser("pretrain",
+                       help="train the lab's autoencoder, mini-CLIP, detector and text-to-image UNet from scratch")
     p.add_argument("--out", default="accord-lab-weights", help="weights folder (pass it as --weights to demo/bench)")
     p.add_argument("--stage", action="append",
                    choices=("vae", "clip", "detector", "unet", "unet-focus", "unet-grow", "assemble"),
                    help="run only these stages (repeatable; default all, in order)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: proves the recipe runs")
-    b = sub.add_parser("bench", help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
+    b = sub.add_parser("bench",
+                       help="every method x {none, DDLoss, PDLoss, both, prior} on the coupling task, over seeds")
     b.add_argument("--output", help="run folder (report.html, summary.md, runs/; default: accord-lab-bench, "
                    "protocol 2: accord-lab-bench-v2)")
     b.add_argument("--methods", nargs="+", help="methods to bench (default: every method with a lab recipe, all but "
                    "the image-encoder ones)")
-    b.add_argument("--regularizers", nargs="+", help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, dd-anchored, dd-alignment, dd-composition@WEIGHT are DDLoss's other forms (accord.dd_variant; docs/regularizers.md)")
+    b.add_argument("--regularizers", nargs="+",
+                   help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each "
+                   "method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, "
+                   "dd-anchored, dd-alignment, dd-composition@WEIGHT are DDLoss's other forms (accord.dd_variant; "
+                   "docs/regularizers.md)")
     b.add_argument("--seeds", type=int, help="training seeds per setting (default: 3; protocol 2: 5)")
     b.add_argument("--steps", type=int, help="training steps per run (default: 150; protocol 2: 600, or the last "
                    "--eval-at step)")
@@ -41,7 +47,8 @@ def add_arguments(parser) -> None:
     b.add_argument("--weights", help="lab weights folder (default: the shipped one)")
     b.add_argument("--task", help="task YAML file, or a shipped task's name (default: object-object; docs/lab.md)")
     b.add_argument("--no-progress", action="store_true")
-    q = sub.add_parser("quality", help="measure the quality bars: detector accuracy, mini-CLIP retrieval, T2I compositional accuracy")
+    q = sub.add_parser("quality", help="measure the quality bars: detector accuracy, mini-CLIP retrieval, "
+                       "T2I compositional accuracy")
     q.add_argument("--weights", help="lab weights folder (default: the shipped one)")
     q.add_argument("--captions", type=int, default=100, help="held-out captions for the T2I measurement")
     q.add_argument("--renders", type=int, default=1000, help="fresh renders for the detector measurement")
@@ -50,7 +57,7 @@ def add_arguments(parser) -> None:
 
 
 def _pretrain(args) -> int:
-    from .pretrain import STAGES, Recipe, run_stage
+    from ..lab.pretrain import STAGES, Recipe, run_stage
 
     recipe = Recipe.smoke() if args.smoke else Recipe()
     recipe.seed = args.seed
@@ -70,11 +77,11 @@ def _pretrain(args) -> int:
 
 def _bench(args) -> int:
     from ..errors import AccordError
+    from ..lab.experiment import run_experiment
+    from ..lab.report import format_table, summarize
+    from ..lab.runner import METHODS, Setting, applies, regularizer_config, settings_for
+    from ..lab.task import default_task, load_task
     from ..methods.base import method_names
-    from .experiment import run_experiment
-    from .report import format_table, summarize
-    from .runner import METHODS, Setting, applies, regularizer_config, settings_for
-    from .task import default_task, load_task
 
     args.methods = args.methods or list(METHODS)
     for m in args.methods:
@@ -127,8 +134,8 @@ def _eval_steps(text: str) -> tuple[int, ...]:
 
 def _bench_v2(args, task) -> int:
     from ..errors import AccordError
-    from .protocol import QUICK, V2_EVAL_AT, V2_SEEDS, V2_STEPS, quick_prompts, run_bench_v2
-    from .runner import Setting, applies, settings_for
+    from ..lab.protocol import QUICK, V2_EVAL_AT, V2_SEEDS, V2_STEPS, quick_prompts, run_bench_v2
+    from ..lab.runner import Setting, applies, settings_for
 
     quick = QUICK if args.quick else {}
     eval_at = _eval_steps(args.eval_at) if args.eval_at else quick.get("eval_at")
@@ -163,9 +170,9 @@ def _bench_v2(args, task) -> int:
 
 
 def _quality(args) -> int:
-    from .experiment import quiet
-    from .judge import weights_dir
-    from .quality import measure
+    from ..lab.experiment import quiet
+    from ..lab.judge import weights_dir
+    from ..lab.quality import measure
 
     quiet()
     q = measure(args.weights, n_t2i=args.captions, n_renders=args.renders, t2i_steps=args.sample_steps)

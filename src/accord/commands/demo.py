@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
 
 def _verdict(results: list[dict]) -> str:
     """Say plainly whether DDLoss changed the leak rate beyond the seed-to-seed spread."""
-    from .report import summarize
+    from ..lab.report import summarize
 
     rows = {r["regularizer"]: r for r in summarize(results)}
     (a, ha), (b, hb) = rows["none"]["leak"], rows["dd"]["leak"]
@@ -45,10 +45,10 @@ def _verdict(results: list[dict]) -> str:
 
 def run(args) -> int:
     from ..errors import AccordError
-    from .experiment import run_experiment
-    from .report import format_table, summarize
-    from .runner import DD_WEIGHT, Setting
-    from .task import default_task, load_task
+    from ..lab.experiment import run_experiment
+    from ..lab.report import format_table, summarize
+    from ..lab.runner import DD_WEIGHT, Setting
+    from ..lab.task import default_task, load_task
 
     task = load_task(args.task) if getattr(args, "task", None) else default_task()
     if not 1 <= args.seeds <= len(task.seeds):
