@@ -12,7 +12,7 @@ import numpy as np
 from .report import format_table, format_terms, sample_grid, summarize, summarize_terms, write_report
 from .runner import Setting, run_setting
 
-__all__ = ["run_experiment", "quiet"]
+__all__ = ["run_experiment", "quiet", "open_bench", "runs_bar"]
 
 
 def quiet() -> None:
@@ -34,19 +34,9 @@ def quiet() -> None:
 
 def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: str, notes=None,
                    weights: Path | None = None, progress: bool = True) -> tuple[list[dict], Path, float]:
-    from tqdm.auto import tqdm
-
-    from .judge import Judge
-
-    quiet()
-    task = settings[0].task
-    _check_folder(folder, task.name)
-    t0 = time.time()
-    judge = Judge(weights)
+    task, judge, t0 = open_bench(settings, folder, weights)
     results = []
-    bar = tqdm(settings, desc="lab runs", disable=not progress)
-    for s in bar:
-        bar.set_postfix_str(s.name)
+    for s in runs_bar(settings, "lab runs", progress):
         done = folder / "runs" / s.name / "result.json"
         if done.is_file() and json.loads(done.read_text())["setting"]["steps"] == s.steps:
             results.append(json.loads(done.read_text()))
@@ -71,13 +61,34 @@ def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: 
     return results, report, seconds
 
 
-def _check_folder(folder: Path, name: str) -> None:
+def open_bench(settings: list, folder: Path, weights, pattern: str = "runs/*/result.json", what: str = "runs"):
+    """What every bench starts with: quiet libraries, the settings' task (refused if ``folder`` holds another
+    task's finished work, matched by ``pattern``), the judge, and the start time."""
+    from .judge import Judge
+
+    quiet()
+    task = settings[0].task
+    _check_folder(folder, task.name, pattern, what)
+    return task, Judge(weights), time.time()
+
+
+def runs_bar(settings: list, desc: str, progress: bool):
+    """The settings, one progress-bar step each, the current run's name beside the bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(settings, desc=desc, disable=not progress)
+    for s in bar:
+        bar.set_postfix_str(s.name)
+        yield s
+
+
+def _check_folder(folder: Path, name: str, pattern: str = "runs/*/result.json", what: str = "runs") -> None:
     """A run folder holds one task's runs (finished runs are reused): refuse to mix in another task's."""
     from ..errors import AccordError
     from .task import DEFAULT_TASK
 
-    for done in sorted((folder / "runs").glob("*/result.json")):
+    for done in sorted(folder.glob(pattern)):
         other = json.loads(done.read_text())["setting"].get("task", DEFAULT_TASK)
         if other != name:
-            raise AccordError(f"{folder} holds runs of task {other!r} ({done.parent.name}); give task {name!r} "
+            raise AccordError(f"{folder} holds {what} of task {other!r} ({done.parent.name}); give task {name!r} "
                               "its own --output folder")

@@ -141,25 +141,11 @@ def run_bench_v2(settings: list, folder: Path, eval_at: tuple, *, title: str, in
     """Run every setting under protocol v2 (resuming), then write ``evals.json``, ``summary.md`` and ``report.html``."""
     import time
 
-    from tqdm.auto import tqdm
+    from .experiment import open_bench, runs_bar
 
-    from ..errors import AccordError
-    from .experiment import quiet
-    from .judge import Judge
-
-    quiet()
-    task = settings[0].task
-    for done in sorted((folder / "runs-v2").glob("*/eval-step-*.json")):
-        other = json.loads(done.read_text())["setting"]["task"]
-        if other != task.name:
-            raise AccordError(f"{folder} holds protocol-v2 runs of task {other!r} ({done.parent.name}); give task "
-                              f"{task.name!r} its own --output folder")
-    t0 = time.time()
-    judge = Judge(weights)
+    task, judge, t0 = open_bench(settings, folder, weights, "runs-v2/*/eval-step-*.json", "protocol-v2 runs")
     evals = []
-    bar = tqdm(settings, desc="lab runs (protocol 2)", disable=not progress)
-    for s in bar:
-        bar.set_postfix_str(s.name)
+    for s in runs_bar(settings, "lab runs (protocol 2)", progress):
         evals += run_setting_v2(s, folder, judge, eval_at, weights=weights, progress=progress)
     seconds = time.time() - t0
     (folder / "evals.json").write_text(json.dumps(evals))

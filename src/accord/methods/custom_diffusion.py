@@ -25,9 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import _f
-from ..errors import ConfigError
 from .base import Method, load_named_state, named_trainable_state, register
-from .textual_inversion import LearnedTokenOptions, LearnedTokens, load_embedding_file, unload_embeddings
+from .textual_inversion import (
+    LearnedTokenOptions,
+    LearnedTokens,
+    check_learned_trigger,
+    load_embedding_file,
+    unload_embeddings,
+)
 
 CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
 
@@ -99,10 +104,7 @@ class CustomDiffusionOptions(LearnedTokenOptions):
 
     def validate(self, config) -> None:
         super().validate(config)
-        if config.data.trigger != self.modifier_token:
-            raise ConfigError(f"data.trigger={config.data.trigger!r} differs from method.modifier_token="
-                              f"{self.modifier_token!r}: custom diffusion learns the modifier token, set both to the "
-                              "same token")
+        check_learned_trigger(config, "modifier_token", "custom diffusion learns the modifier token")
 
 
 @register

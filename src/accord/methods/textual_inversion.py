@@ -158,6 +158,14 @@ def vector_tokens(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
+def check_learned_trigger(config, key: str, learns: str) -> None:
+    """The caption's trigger must be the token a method learns (``method.<key>``): one line naming both if not."""
+    token = getattr(config.method, key)
+    if config.data.trigger != token:
+        raise ConfigError(f"data.trigger={config.data.trigger!r} differs from method.{key}={token!r}: {learns}, set "
+                          "both to the same token")
+
+
 @dataclass
 class LearnedTokenOptions(MethodOptions):
     """Options of methods that learn new token embeddings (textual_inversion, custom_diffusion, break_a_scene)."""
@@ -174,10 +182,7 @@ class TextualInversionOptions(LearnedTokenOptions):
 
     def validate(self, config) -> None:
         super().validate(config)
-        if config.data.trigger != self.placeholder_token:
-            raise ConfigError(f"data.trigger={config.data.trigger!r} differs from method.placeholder_token="
-                              f"{self.placeholder_token!r}: textual inversion learns the trigger, set both to the "
-                              "same token")
+        check_learned_trigger(config, "placeholder_token", "textual inversion learns the trigger")
 
 
 @register
