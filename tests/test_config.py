@@ -207,3 +207,17 @@ def test_a_registered_method_is_a_config_choice():
         del METHOD_REGISTRY["echo_test"]
     with pytest.raises(ConfigError, match="method.name='echo_test' is not allowed; choose one of 'lora', "):
         config_from_dict({**BASE, "method": {"name": "echo_test"}})
+
+
+def test_method_order_does_not_depend_on_which_module_was_imported_first():
+    """The registry lists the built-in methods in one order (config choices, docs/config.md, help), even when a
+    caller imported one method's module before the others registered."""
+    import subprocess
+    import sys
+
+    code = ("import accord.methods.textual_inversion\n"
+            "from accord.methods.base import METHOD_MODULES, method_names, method_options\n"
+            "assert method_names()[:len(METHOD_MODULES)] == list(METHOD_MODULES), method_names()\n"
+            "assert list(method_options()) == method_names()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

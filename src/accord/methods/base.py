@@ -51,13 +51,13 @@ def _import_builtins() -> None:
 def method_names() -> list[str]:
     """Every registered method's name (the built-in ones first, in their order)."""
     _import_builtins()
-    return list(METHOD_REGISTRY)
+    builtin = [name for name in METHOD_MODULES if name in METHOD_REGISTRY]  # whichever a test or user imported first
+    return builtin + [name for name in METHOD_REGISTRY if name not in builtin]
 
 
 def method_options() -> dict[str, type[MethodOptions]]:
     """Each registered method's options class, by name."""
-    _import_builtins()
-    return {name: cls.options for name, cls in METHOD_REGISTRY.items()}
+    return {name: METHOD_REGISTRY[name].options for name in method_names()}
 
 
 def get_method(name: str) -> type[Method]:
