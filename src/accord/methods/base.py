@@ -66,7 +66,7 @@ def get_method(name: str) -> type[Method]:
     if name not in METHOD_REGISTRY:
         from ..errors import ConfigError
 
-        raise ConfigError(f"method.name={name!r} is not known; choose one of {', '.join(METHOD_REGISTRY)}")
+        raise ConfigError(f"method.name={name!r} is not known; choose one of {', '.join(method_names())}")
     return METHOD_REGISTRY[name]
 
 
