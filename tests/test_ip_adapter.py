@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainkit import DREAMBENCH, tiny_config
+from trainkit import photo, tiny_config
 
 from accord.config import config_to_dict
 
@@ -29,10 +29,10 @@ def encoder_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory, dreambench):
+def pairs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     for i, caption in enumerate(CAPTIONS):
-        shutil.copy(DREAMBENCH / "backpack" / f"{i:02d}.jpg", folder / f"{i:02d}.jpg")
+        shutil.copy(photo("backpack", i), folder / f"{i:02d}.jpg")
         (folder / f"{i:02d}.txt").write_text(caption)
     return folder
 
@@ -88,7 +88,7 @@ def test_ip_adapter_trains_and_loads_with_stock_diffusers(kind, tiny_model_dir, 
     pipe.load_ip_adapter(str(out), subfolder="", weight_name=IP_FILE)
     loaded = pipe.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.weight
     assert torch.equal(loaded, state["image_proj.proj.weight"])
-    image = pipe("a backpack on a beach", ip_adapter_image=Image.open(DREAMBENCH / "backpack" / "04.jpg"),
+    image = pipe("a backpack on a beach", ip_adapter_image=Image.open(photo("backpack", 4)),
                  num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()

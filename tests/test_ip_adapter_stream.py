@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from trainkit import DREAMBENCH, tiny_config
+from trainkit import photo, tiny_config
 
 pytest.importorskip("datasets")
 
@@ -21,13 +21,13 @@ def _image_folder(root, n):
     root.mkdir(parents=True)
     with open(root / "metadata.jsonl", "w") as f:
         for i in range(n):
-            shutil.copy(DREAMBENCH / "backpack" / f"{i:02d}.jpg", root / f"{i:02d}.jpg")
+            shutil.copy(photo("backpack", i), root / f"{i:02d}.jpg")
             f.write(json.dumps({"file_name": f"{i:02d}.jpg", "caption": CAPTIONS[i]}) + "\n")
     return root
 
 
 @pytest.fixture(scope="module")
-def stream_dir(tmp_path_factory, dreambench):
+def stream_dir(tmp_path_factory):
     return _image_folder(tmp_path_factory.mktemp("stream") / "set", 3)
 
 
@@ -49,7 +49,7 @@ def _key(sample):
     return sample["general"], sample["drop_image"], sample["pixel_values"].sum().item()
 
 
-def test_stream_order_is_addressable_across_epochs_and_ranks(tmp_path, dreambench):
+def test_stream_order_is_addressable_across_epochs_and_ranks(tmp_path):
     folder = _image_folder(tmp_path / "five", 5)
     seq = _reader(folder, 0, 2)
     sequential = [_key(s) for start in range(0, 8, 2) for s in seq.stream_samples(start, 2)]  # rank 0: 3 per epoch

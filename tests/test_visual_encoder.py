@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from trainkit import DREAMBENCH, make_refs, tiny_config
+from trainkit import make_refs, photo, tiny_config
 
 from accord.train import train
 
@@ -20,7 +20,7 @@ def encoder_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def refs(tmp_path_factory, dreambench):
+def refs(tmp_path_factory):
     return make_refs(tmp_path_factory.mktemp("refs") / "backpack")
 
 
@@ -51,7 +51,7 @@ def test_visual_encoder_trains_loads_and_generates(kind, tiny_model_dir, encoder
     pipe = load_trained(out)
     for (name, p), (_, q) in zip(base.unet.state_dict().items(), pipe.unet.state_dict().items()):
         assert torch.equal(p, q), name
-    image = generate_with_reference(pipe, DREAMBENCH / "backpack" / "04.jpg", "1 sks backpack, beach",
+    image = generate_with_reference(pipe, photo("backpack", 4), "1 sks backpack, beach",
                                     num_inference_steps=2, height=32, width=32, output_type="np",
                                     generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3)
@@ -81,7 +81,7 @@ def test_stock_recipe_in_the_docs_matches_generate_with_reference(tiny_model_dir
     snippet = snippet.replace("num_inference_steps=50", fast)
     pipe = StableDiffusionPipeline.from_pretrained(str(model))
     pipe.set_progress_bar_config(disable=True)
-    scope = {"OUT": str(out), "REFERENCE": str(DREAMBENCH / "backpack" / "04.jpg"), "PROMPT": "1 sks backpack, beach",
+    scope = {"OUT": str(out), "REFERENCE": str(photo("backpack", 4)), "PROMPT": "1 sks backpack, beach",
              "pipe": pipe}
     exec(compile(snippet, "image-encoders.md", "exec"), scope)
     VisualEncoder.load_into(pipe, out)
