@@ -1,4 +1,4 @@
-"""Protocol v2 of the coupling lab (issue 17): train each run to a longer horizon, evaluate every checkpoint, and
+"""Protocol v2 of the coupling lab: train each run to a longer horizon, evaluate every checkpoint, and
 compare regularizers with the baseline at matched fidelity (docs/lab.md, "Protocol v2").
 
 Each (run, step) evaluation is written to ``<output>/runs-v2/<run>/eval-step-<N>.json`` as soon as it is done, so a
@@ -37,7 +37,7 @@ V2_EVAL_AT = (150, 300, 450, 600)
 V2_SEEDS = 5
 QUICK = {"seeds": 2, "steps": 100, "eval_at": (50, 100), "images": 2}
 TOLERANCE = 0.05  # equal fidelity: within 5 points
-TARGET = -0.5  # issue 17: at least a 50% relative leak reduction
+TARGET = -0.5  # the decoupling target: at least a 50% relative leak reduction
 # The paper's best-step rule (Appendix N: the best-performing step) in accord.eval.best_step's form, on the lab's
 # metrics: the step that maximises the mean of text accuracy and fidelity (as 0.5*clip_t+0.5*dino_i there).
 BEST_STEP = Criterion({"text": 0.5, "fidelity": 0.5}, "0.5*text+0.5*fidelity")
@@ -358,7 +358,7 @@ def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, 
                    f"match). Best step: each at the step maximising {BEST_STEP.text} (means over seeds), a match when "
                    f"their fidelities are within ±{100 * TOLERANCE:.0f} points. Relative leak change: mean per-seed "
                    "difference (regularizer − none, paired by seed) over the baseline's mean leak, with a 95% "
-                   "t-interval on the differences. Target (issue 17): a change ≤ −50% at matched fidelity whose "
+                   "t-interval on the differences. Target: a change ≤ −50% at matched fidelity whose "
                    "interval excludes 0.")
     md = ["## Per step (mean ± 95% t-interval over seeds)", "", _markdown(_STEP_HEAD, [_step_cells(r) for r in rows]),
           "", "## Matched fidelity", "", method_text, "", _markdown(_CMP_HEAD, [_cmp_cells(r) for r in cmp]), ""]
