@@ -319,6 +319,8 @@ def curve_plot(method: str, data: dict[str, list[tuple]], path: Path) -> Path:
                     capsize=3, label=reg)
         for st, x, y in zip(steps, fid, leak):
             ax.annotate(str(int(st)), (100 * x, 100 * y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlim(-3, 103)  # rates: an interval past 0 or 100 (few seeds) is cut at the frame, not the axis stretched
+    ax.set_ylim(-3, 103)
     ax.set_xlabel("fidelity (%)")
     ax.set_ylabel("leak rate (%)")
     ax.set_title(f"{method}: leak vs fidelity over training (points: steps; 95% CI)", fontsize=8)
