@@ -14,7 +14,6 @@ photos is refused unless asked for (``--resume-anyway``).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -29,6 +28,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .ema import averaged
 from .errors import AccordError, CheckpointError, ConfigError, DataError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "resume_checkpoint", "find_checkpoint", "list_checkpoints",
@@ -106,7 +106,7 @@ def save_checkpoint(output_dir: Path, step: int, *, method, optimizer, lr_schedu
     tensors, meta = _optimizer_to_files(optimizer)
     try:
         tmp.mkdir()
-        with ema.applied() if ema is not None else contextlib.nullcontext():
+        with averaged(ema):
             method.save(tmp)
         save_file(trainable, str(tmp / "trainable.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))

@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-__all__ = ["Ema", "make_ema"]
+__all__ = ["Ema", "make_ema", "averaged"]
 
 
 class Ema:
@@ -76,3 +76,8 @@ def make_ema(config, params) -> Ema | None:
     """``train.ema_decay``'s EMA of ``params``, or ``None`` when it is off."""
     t = config.train
     return Ema(params, t.ema_decay, on_cpu=t.ema_on_cpu) if t.ema_decay > 0 else None
+
+
+def averaged(ema: Ema | None):
+    """Inside: the trained parameters hold ``ema``'s averaged weights (nothing changes without one)."""
+    return ema.applied() if ema is not None else contextlib.nullcontext()

@@ -20,7 +20,7 @@ import torch
 from .backbones import load_backbone
 from .checkpoint import CONFIG_FILE, list_checkpoints, resume_checkpoint, save_checkpoint, write_config
 from .config import Config, config_to_dict
-from .ema import make_ema
+from .ema import averaged, make_ema
 from .errors import AccordError, ConfigError
 from .methods import get_method
 from .monitor import TermsMonitor
@@ -377,7 +377,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True, resu
         if main and t.validation_every and done % t.validation_every == 0:
             from .validation import write_validation_grid
 
-            with eval_copy(trainer.optimizer), _averaged(trainer.ema):
+            with eval_copy(trainer.optimizer), averaged(trainer.ema):
                 write_validation_grid(config, trainer.backbone, out / "samples" / f"step-{done:06d}.png",
                                       accelerator=accelerator)
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.max_steps:
@@ -416,7 +416,7 @@ def _finish(run: _Run, nonfinite: int) -> Path:
     if len(set(checksums)) > 1:
         logger.warning("processes ended with different weights: %s", checksums)
     if accelerator.is_main_process:
-        with _averaged(run.trainer.ema):  # train.ema_decay: the outputs are the averaged weights
+        with averaged(run.trainer.ema):  # train.ema_decay: the outputs are the averaged weights
             written = method.save(out)
         summary = {"steps": t.max_steps, "skipped_final_steps": nonfinite, "num_processes": accelerator.num_processes,
                    "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
@@ -436,11 +436,6 @@ def _finish(run: _Run, nonfinite: int) -> Path:
                           f"weights of step {t.max_steps - nonfinite}, the last good one; lower train.learning_rate or "
                           "use bf16 instead of fp16")
     return out
-
-
-def _averaged(ema):
-    """Inside: the trained parameters hold ``ema``'s averaged weights (nothing without one)."""
-    return ema.applied() if ema is not None else contextlib.nullcontext()
 
 
 def _fingerprint(config: Config, items) -> dict | None:
