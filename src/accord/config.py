@@ -130,6 +130,8 @@ class MethodOptions:
     no_masked_loss: ClassVar[str] = "does not weigh its diffusion loss by masks"
     #: data.instance_dirs folders may carry their own trigger / class_noun
     folder_triggers: ClassVar[bool] = False
+    #: model.quantize may quantize the base: the method trains adapters beside it, never base weights
+    quantizable_base: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         own = type(self).__dict__.get("method_name", "")  # set by accord.methods.base.register

@@ -19,12 +19,10 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["QUANTIZE_MODES", "QUANTIZE_METHODS", "check_quantize_config", "pipeline_quantization",
-           "quantize_frozen", "quantized_targets"]
+__all__ = ["QUANTIZE_MODES", "check_quantize_config", "pipeline_quantization", "quantize_frozen",
+           "quantized_targets"]
 
 QUANTIZE_MODES = ("none", "int8", "nf4")
-#: methods whose trained weights sit beside the frozen base (adapters), so the base may be quantized
-QUANTIZE_METHODS = ("lora",)
 _LIBRARY = {"int8": ("torchao", "pip install 'accord[quant]' (torchao)"),
             "nf4": ("bitsandbytes", "pip install 'accord[bnb]' (bitsandbytes)")}
 
@@ -35,10 +33,13 @@ def check_quantize_config(config) -> None:
     if mode == "none":
         return
     name = config.method.name
-    if name not in QUANTIZE_METHODS:
+    if not config.method.quantizable_base:  # the method's options say whether it trains base weights
+        from .methods.base import method_options
+
+        fits = " or ".join(f"method.name={n}" for n, cls in method_options().items() if cls.quantizable_base)
         what = "a full fine-tune: it trains the base weights" if name == "dreambooth" else "it trains base weights"
         raise ConfigError(f"model.quantize={mode} quantizes the frozen base, but method {name} is {what} "
-                          f"that quantization would freeze; use method.name=lora or model.quantize=none")
+                          f"that quantization would freeze; use {fits} or model.quantize=none")
     module, install = _LIBRARY[mode]
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"model.quantize={mode} needs {module}: {install}")

@@ -107,6 +107,7 @@ class LoraAdapterOptions(MethodOptions):
 class LoraOptions(LoraAdapterOptions, TextEncoderOptions):
     supports_masked_loss = True
     folder_triggers = True
+    quantizable_base = True
 
     text_lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "out_proj"],
                                  "text-encoder modules that get LoRA adapters (with train_text_encoder)")
