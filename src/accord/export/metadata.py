@@ -76,11 +76,9 @@ def training_metadata(config, backbone, tags: dict | None = None) -> dict[str, s
 
 def _lora_settings(m) -> dict:
     """``method.lora_*`` as trained (alphas resolved to their defaults)."""
-    alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
-    out = {"variant": m.lora_variant, "rank": m.lora_rank, "alpha": float(alpha)}
+    out = {"variant": m.lora_variant, "rank": m.lora_rank, "alpha": float(m.alpha)}
     if m.lora_conv_rank:
-        conv_alpha = m.lora_conv_alpha if m.lora_conv_alpha is not None else m.lora_conv_rank
-        out.update(conv_rank=m.lora_conv_rank, conv_alpha=float(conv_alpha))
+        out.update(conv_rank=m.lora_conv_rank, conv_alpha=float(m.conv_alpha))
     return out
 
 

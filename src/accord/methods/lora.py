@@ -39,14 +39,12 @@ def lora_config(method_config, targets, conv: bool = False):
     from peft import LoraConfig
 
     m = method_config
-    alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
     targets, ranks, alphas = list(targets), {}, {}
     if conv and m.lora_conv_rank:
-        conv_alpha = m.lora_conv_alpha if m.lora_conv_alpha is not None else m.lora_conv_rank
         targets += [t for t in CONV_TARGETS if t not in targets]
         ranks = {t: m.lora_conv_rank for t in CONV_TARGETS}
-        alphas = {t: conv_alpha for t in CONV_TARGETS}
-    return LoraConfig(r=m.lora_rank, lora_alpha=alpha, lora_dropout=m.lora_dropout, init_lora_weights="gaussian",
+        alphas = {t: m.conv_alpha for t in CONV_TARGETS}
+    return LoraConfig(r=m.lora_rank, lora_alpha=m.alpha, lora_dropout=m.lora_dropout, init_lora_weights="gaussian",
                       target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas,
                       use_dora=m.lora_variant == "dora", use_rslora=m.lora_variant == "rslora")
 
@@ -88,6 +86,16 @@ class LoraAdapterOptions(MethodOptions):
         "conv_shortcut and the down/upsamplers' conv; kohya's conv_dim); 0: attention only")
     lora_conv_alpha: float | None = _f(None, "alpha of the convolution LoRA (kohya's conv_alpha); default: "
                                        "lora_conv_rank")
+
+    @property
+    def alpha(self) -> float:
+        """``lora_alpha`` as trained: the rank where it is unset."""
+        return self.lora_alpha if self.lora_alpha is not None else self.lora_rank
+
+    @property
+    def conv_alpha(self) -> float:
+        """``lora_conv_alpha`` as trained: the conv rank where it is unset."""
+        return self.lora_conv_alpha if self.lora_conv_alpha is not None else self.lora_conv_rank
 
     def validate(self, config) -> None:
         super().validate(config)
