@@ -133,13 +133,9 @@ class LoRA(Method):
         super().setup()
         m = self.config.method
         if m.train_text_encoder and self.backbone.denoiser_name != "unet":
-            from ..errors import ConfigError
-
             raise ConfigError(f"method.train_text_encoder is for sd/sdxl; LoRA on {self.backbone.family} trains the "
                               "transformer only: set it to false")
         if m.lora_conv_rank and self.backbone.denoiser_name != "unet":
-            from ..errors import ConfigError
-
             raise ConfigError(f"method.lora_conv_rank is for the sd/sdxl UNet's convolutions; the "
                               f"{self.backbone.family} transformer has none to adapt: set it to 0")
         self.backbone.denoiser.add_adapter(lora_config(m, m.lora_targets, conv=True))
