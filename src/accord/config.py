@@ -377,11 +377,10 @@ class Config:
             raise ConfigError(f"data.mask_dir={d.mask_dir} is set but data.masked_loss is off, so the masks would be "
                               "ignored; set data.masked_loss=true (or unset data.mask_dir)")
         if d.masked_loss and not self.method.supports_masked_loss:
-            from .methods.base import method_options
+            from .methods.base import methods_with
 
-            names = [name for name, cls in method_options().items() if cls.supports_masked_loss]
-            raise ConfigError(f"data.masked_loss is for {', '.join(names)}; {self.method.name} "
-                              f"{self.method.no_masked_loss}: set it to false")
+            raise ConfigError(f"data.masked_loss is for {', '.join(methods_with('supports_masked_loss'))}; "
+                              f"{self.method.name} {self.method.no_masked_loss}: set it to false")
         if not (math.isfinite(d.unmasked_weight) and 0 <= d.unmasked_weight <= 1):
             raise ConfigError(f"data.unmasked_weight={d.unmasked_weight} must be in 0..1 (0: only the masked area "
                               "trains, 1: the mask has no effect)")

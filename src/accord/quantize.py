@@ -34,9 +34,9 @@ def check_quantize_config(config) -> None:
         return
     name = config.method.name
     if not config.method.quantizable_base:  # the method's options say whether it trains base weights
-        from .methods.base import method_options
+        from .methods.base import methods_with
 
-        fits = " or ".join(f"method.name={n}" for n, cls in method_options().items() if cls.quantizable_base)
+        fits = " or ".join(f"method.name={n}" for n in methods_with("quantizable_base"))
         what = "a full fine-tune: it trains the base weights" if name == "dreambooth" else "it trains base weights"
         raise ConfigError(f"model.quantize={mode} quantizes the frozen base, but method {name} is {what} "
                           f"that quantization would freeze; use {fits} or model.quantize=none")

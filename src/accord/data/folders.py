@@ -87,9 +87,9 @@ def check_data_config(config) -> None:
            or f.get("class_noun", d.class_noun) != d.class_noun]
     if own:
         if not config.method.folder_triggers:
-            from ..methods.base import method_options
+            from ..methods.base import methods_with
 
-            names = " or ".join(n for n, options in method_options().items() if options.folder_triggers)
+            names = " or ".join(methods_with("folder_triggers"))
             raise ConfigError(f"data.instance_dirs: a folder's own trigger/class_noun is for {names}; "
                               f"{config.method.name} learns the single data.trigger token, leave them out")
         uses = [k for k, v in (("accord.pd_weight", config.accord.pd_weight),

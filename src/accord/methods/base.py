@@ -13,7 +13,7 @@ import torch
 
 from ..config import MethodOptions, _f
 
-__all__ = ["Method", "register", "METHOD_REGISTRY", "get_method", "method_names", "method_options",
+__all__ = ["Method", "register", "METHOD_REGISTRY", "get_method", "method_names", "method_options", "methods_with",
            "TextEncoderOptions"]
 
 #: the methods, by name, in registration order: the one list the config, the CLI, the lab and the docs read
@@ -58,6 +58,12 @@ def method_names() -> list[str]:
 def method_options() -> dict[str, type[MethodOptions]]:
     """Each registered method's options class, by name."""
     return {name: METHOD_REGISTRY[name].options for name in method_names()}
+
+
+def methods_with(flag: str) -> list[str]:
+    """The registered methods whose options set the class flag ``flag`` (e.g. ``supports_masked_loss``), in
+    :func:`method_names` order: what a one-line refusal lists as the methods that do take the key."""
+    return [name for name, options in method_options().items() if getattr(options, flag)]
 
 
 def get_method(name: str) -> type[Method]:
