@@ -130,6 +130,7 @@ def test_quick_prompts_keep_one_counted_prompt_per_category_and_a_control():
     (["--eval-at", "a,b"], "--eval-at 'a,b': give positive step numbers"),
     (["--eval-at", "100,700", "--steps", "600"], "steps beyond --steps 600"),
     (["--reference-step", "7"], "--reference-step 7: choose one of the --eval-at steps"),
+    (["--steps", "150"], "--steps 150: without --eval-at protocol 2 evaluates the quarters of --steps"),
 ])
 def test_bench_v2_refuses_bad_steps_in_one_line(capsys, argv, message):
     from accord.cli import main
@@ -219,3 +220,18 @@ def test_a_folder_resumes_only_the_same_settings(tmp_path):
     P.eval_file(run, 2).write_text(json.dumps(record))
     P.eval_file(run, 4).write_text(json.dumps({**record, "step": 4}))
     assert [r["step"] for r in P.run_setting_v2(s, tmp_path, None, (2, 4))] == [2, 4]  # all done: nothing runs
+
+
+@pytest.mark.parametrize("argv, schedule", [
+    ([], (600, (150, 300, 450, 600))),
+    (["--steps", "200"], (200, (50, 100, 150, 200))),
+    (["--quick"], (100, (50, 100))),
+    (["--quick", "--steps", "8"], (8, (2, 4, 6, 8))),  # the horizon trained is the one evaluated last
+    (["--eval-at", "3,9"], (9, (3, 9))),
+])
+def test_v2_schedule_evaluates_the_trained_horizon(argv, schedule):
+    from accord.cli import build_parser
+    from accord.commands.lab import v2_schedule
+
+    args = build_parser().parse_args(["lab", "bench", "--protocol", "2", *argv])
+    assert v2_schedule(args) == schedule

@@ -132,18 +132,38 @@ def _eval_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
-def _bench_v2(args, task) -> int:
+def v2_schedule(args) -> tuple[int, tuple[int, ...]]:
+    """Protocol 2's horizon and evaluation steps from ``--steps``, ``--eval-at`` and ``--quick``: the given steps;
+    else quick's own (100 steps, evaluated at 50 and 100) when ``--quick`` names no ``--steps``; else the quarters of
+    ``--steps`` (default 600), which must then be a multiple of 4 (checkpoints are written every gcd of the
+    evaluation steps: quarters of 150 would checkpoint every step)."""
     from ..errors import AccordError
-    from ..lab.protocol import QUICK, V2_EVAL_AT, V2_SEEDS, V2_STEPS, quick_prompts, run_bench_v2
-    from ..lab.runner import Setting, applies, settings_for
+    from ..lab.protocol import QUICK, V2_STEPS
 
-    quick = QUICK if args.quick else {}
-    eval_at = _eval_steps(args.eval_at) if args.eval_at else quick.get("eval_at")
-    steps = args.steps or (eval_at[-1] if eval_at else quick.get("steps", V2_STEPS))
-    eval_at = eval_at or (V2_EVAL_AT if steps == V2_STEPS else tuple(sorted({steps * k // 4 for k in (1, 2, 3, 4)})))
+    if args.eval_at:
+        eval_at = _eval_steps(args.eval_at)
+        steps = args.steps or eval_at[-1]
+    elif args.quick and not args.steps:
+        steps, eval_at = QUICK["steps"], QUICK["eval_at"]
+    else:
+        steps = args.steps or V2_STEPS
+        if steps % 4:
+            raise AccordError(f"--steps {steps}: without --eval-at protocol 2 evaluates the quarters of --steps; give "
+                              "a multiple of 4 or the steps to evaluate with --eval-at")
+        eval_at = tuple(steps * k // 4 for k in (1, 2, 3, 4))
     if eval_at[-1] > steps:
         raise AccordError(f"--eval-at {','.join(map(str, eval_at))}: steps beyond --steps {steps}; raise --steps or "
                           "drop them")
+    return steps, eval_at
+
+
+def _bench_v2(args, task) -> int:
+    from ..errors import AccordError
+    from ..lab.protocol import QUICK, V2_SEEDS, quick_prompts, run_bench_v2
+    from ..lab.runner import Setting, applies, settings_for
+
+    quick = QUICK if args.quick else {}
+    steps, eval_at = v2_schedule(args)
     seeds = args.seeds or quick.get("seeds", V2_SEEDS)
     images = args.images or quick.get("images", 4)
     if not 1 <= seeds <= len(task.seeds):

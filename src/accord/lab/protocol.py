@@ -24,7 +24,7 @@ import numpy as np
 from ..eval.best_step import Criterion
 from .report import _html, _markdown, ci95, per_seed
 
-__all__ = ["V2_STEPS", "V2_EVAL_AT", "V2_SEEDS", "QUICK", "TOLERANCE", "TARGET", "BEST_STEP", "quick_prompts",
+__all__ = ["V2_STEPS", "V2_SEEDS", "QUICK", "TOLERANCE", "TARGET", "BEST_STEP", "quick_prompts",
            "run_setting_v2", "run_bench_v2", "summarize_steps", "curves", "match_step", "best_step",
            "relative_change", "compare", "write_report_v2"]
 
@@ -33,7 +33,6 @@ __all__ = ["V2_STEPS", "V2_EVAL_AT", "V2_SEEDS", "QUICK", "TOLERANCE", "TARGET",
 # the paper does (Break-A-Scene keeps its half/half phases), and evaluates every 150 steps: step 150 is
 # protocol 1's horizon (a constant learning rate, the same seed and batch order), step 600 the regimen's end.
 V2_STEPS = 600
-V2_EVAL_AT = (150, 300, 450, 600)
 V2_SEEDS = 5
 QUICK = {"seeds": 2, "steps": 100, "eval_at": (50, 100), "images": 2}
 TOLERANCE = 0.05  # equal fidelity: within 5 points
