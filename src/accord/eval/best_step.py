@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import ConfigError, DataError
 from .metrics import METRICS
 
-__all__ = ["Criterion", "find_checkpoints", "parse_criterion", "select_best_step"]
+__all__ = ["Criterion", "find_checkpoints", "trained_checkpoints", "parse_criterion", "select_best_step"]
 
 _TERM = re.compile(r"\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*?\s*)?([a-z_]+)\s*")
 
@@ -56,8 +56,8 @@ def parse_criterion(text: str) -> Criterion:
     return Criterion(weights, text)
 
 
-def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every ``checkpoints/step-N`` holding a method's output, by step."""
+def trained_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoints/step-N`` holding a method's output, by step (none: empty)."""
     from ..inference import is_trained_output
 
     root = Path(run_dir) / "checkpoints"
@@ -66,9 +66,16 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         suffix = p.name[len("step-") :]
         if p.is_dir() and suffix.isdigit() and is_trained_output(p):
             found.append((int(suffix), p))
-    if not found:
-        raise DataError(f"{root}: no step-N checkpoint folders with trained outputs; train with checkpoint_every > 0")
     return sorted(found)
+
+
+def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """:func:`trained_checkpoints`, refusing a run that has none."""
+    found = trained_checkpoints(run_dir)
+    if not found:
+        root = Path(run_dir) / "checkpoints"
+        raise DataError(f"{root}: no step-N checkpoint folders with trained outputs; train with checkpoint_every > 0")
+    return found
 
 
 def _plot(curve: Sequence[dict], names: Sequence[str], criterion: Criterion, best: int, path: Path) -> None:

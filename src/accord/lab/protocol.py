@@ -66,14 +66,9 @@ def eval_file(run_dir: Path, step: int) -> Path:
 
 def _checkpoints(out: Path) -> dict[int, Path]:
     """step → ``checkpoints/step-N`` folder holding a method's output."""
-    from ..inference import is_trained_output
+    from ..eval.best_step import trained_checkpoints
 
-    found = {}
-    for p in (out / "checkpoints").glob("step-*"):
-        suffix = p.name[len("step-"):]
-        if suffix.isdigit() and is_trained_output(p):
-            found[int(suffix)] = p
-    return found
+    return dict(trained_checkpoints(out))
 
 
 def _train(s, out: Path, refs: Path, eval_at: tuple, pending: list[int], weights, progress: bool) -> None:
@@ -120,8 +115,9 @@ def run_setting_v2(s, root: Path, judge, eval_at: tuple, weights: Path | None = 
     refs = references(root / "references" / s.method, trigger, s.method, s.task)
     if not (pending == [s.steps] and is_trained_output(out)):  # the final weights stay in the run folder
         _train(s, out, refs, eval_at, pending, weights, progress)
+    have = _checkpoints(out)
     for k in pending:
-        ckpt = _checkpoints(out).get(k, out if k == s.steps else None)
+        ckpt = have.get(k, out if k == s.steps else None)
         rows, images = evaluate(load_trained(ckpt), s, refs, trigger, judge)
         record = {"protocol": 2, "name": s.name, "step": k, "setting": setting, "rows": rows}
         tmp = eval_file(out, k).with_suffix(".tmp")
