@@ -211,8 +211,7 @@ def test_a_folder_resumes_only_the_same_settings(tmp_path):
     run = tmp_path / "runs-v2" / s.name
     run.mkdir(parents=True)
     record = _eval("lora", "none", 0, 2, 0.1)
-    record["setting"].update(steps=6, images_per_prompt=1, batch_size=4, sample_steps=25, guidance=5.0,
-                             prompts=len(s.prompts), task=s.task.name)
+    record["setting"] = {**s.record(), "steps": 6}
     P.eval_file(run, 2).write_text(json.dumps(record))
     with pytest.raises(AccordError, match=r"eval-step-2.json was evaluated with other settings \(steps\)"):
         P.run_setting_v2(s, tmp_path, None, (2, 4))

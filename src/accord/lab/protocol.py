@@ -100,9 +100,7 @@ def run_setting_v2(s, root: Path, judge, eval_at: tuple, weights: Path | None = 
 
     trigger = METHODS[s.method]["trigger"]
     out = root / "runs-v2" / s.name
-    setting = {"method": s.method, "regularizer": s.regularizer, "seed": s.seed, "steps": s.steps,
-               "batch_size": s.batch_size, "images_per_prompt": s.images_per_prompt, "sample_steps": s.sample_steps,
-               "guidance": s.guidance, "prompts": len(s.prompts), "task": s.task.name}
+    setting = s.record()
     done = {k: json.loads(eval_file(out, k).read_text()) for k in eval_at if eval_file(out, k).is_file()}
     for k, record in done.items():
         differs = sorted(key for key, v in setting.items() if record["setting"].get(key) != v)

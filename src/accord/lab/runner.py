@@ -129,6 +129,12 @@ class Setting:
     def name(self) -> str:
         return f"{self.method}-{self.regularizer}-s{self.seed}"
 
+    def record(self) -> dict:
+        """The setting as result and evaluation files keep it (what a resumed bench compares): every field, the
+        prompts as their number and the task as its name."""
+        kept = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "task")}
+        return {**kept, "prompts": len(self.prompts), "task": self.task.name}
+
 
 def _merge(a: dict, b: dict) -> dict:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
@@ -289,8 +295,7 @@ def run_setting(s: Setting, root: Path, judge: Judge, weights: Path | None = Non
     shifts = {k: v["shift"] for k, v in terms.items()}
     rows, images = evaluate(pipe, s, refs, trigger, judge)
     np.save(out / "samples.npy", np.stack(images))
-    setting = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("prompts", "task")}
-    result = {"setting": {**setting, "task": s.task.name}, "name": s.name, "rows": rows,
+    result = {"setting": s.record(), "name": s.name, "rows": rows,
               "dependence_shift": {str(k): v for k, v in sorted(shifts.items())},
               "dependence_terms": {str(k): v for k, v in sorted(terms.items())}}
     (out / "result.json").write_text(json.dumps(result, indent=1))
