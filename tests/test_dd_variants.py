@@ -27,6 +27,8 @@ PINNED = {  # variant -> (anchor, expected)
     "composition": (None, 0.5 * 1.25),
     "anchored": (ANCHOR_A, 0.5 * abs(1.75 - 0.75)),
     "alignment": (ANCHOR_B, 0.5 * 2 * abs(-0.25 - 0.25)),
+    # j − p = [1, 0]; anchor A's j_s − s = [0, 0]: ‖[1, 0] − [0, 0]‖² = 1
+    "conditional": (ANCHOR_A, 0.5 * 1.0),
 }
 
 
@@ -53,6 +55,21 @@ def test_the_other_anchor_zeroes_each_anchored_variant():
     assert _loss("anchored", _tensors(PREDS), ANCHOR_B)[0].item() == pytest.approx(0, abs=1e-12)
     assert _loss("alignment", _tensors(PREDS), ANCHOR_A)[0].item() == pytest.approx(0, abs=1e-12)
     assert _loss("anchored", _tensors(PREDS), ANCHOR_A)[1]["anchor_shift"].item() == pytest.approx(0.75)
+    # conditional is 0 when c_g changes the step given c_p exactly as it does given c_s (j_s − s = j − p = [1, 0]),
+    # whatever the single-concept steps are; anchor B's j_s − s = [0, −1] gives ‖[1, 1]‖² = 2
+    shifted = [[3.0, 2.0], [2.0, 2.0], [5.0, 5.0], [4.0, 4.0]]
+    assert _loss("conditional", _tensors(PREDS), shifted)[0].item() == pytest.approx(0, abs=1e-12)
+    assert _loss("conditional", _tensors(PREDS), ANCHOR_B)[0].item() == pytest.approx(0.5 * 2.0)
+
+
+def test_conditional_penalises_a_trigger_that_learned_the_general_concept():
+    """At the base model the superclass's step with c_g differs from its step alone by G's direction; a trigger
+    whose own step already holds it (P = J) leaves j − p = 0, which conditional penalises by ‖G‖² (Eq. 8: 0)."""
+    j, g, n = [0.0, 1.0], [0.0, 2.0], [0.0, 0.0]
+    anchor = [[0.0, 2.0], [0.0, 0.0], [0.0, 2.0], [0.0, 0.0]]  # the superclass adds nothing; c_g adds [0, 2]
+    preds = _tensors([j, j, g, n])
+    assert _loss("paper", preds)[0].item() == pytest.approx(0, abs=1e-12)
+    assert _loss("conditional", preds, anchor)[0].item() == pytest.approx(0.5 * 4.0)
 
 
 def test_paper_is_eq8():
@@ -132,6 +149,34 @@ def test_base_model_switches_lora_off(tiny_model_dir, refs, tmp_path):
     assert all(p.requires_grad for n, p in backbone.denoiser.named_parameters() if "lora_" in n)
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_dreambooth_anchor_is_a_frozen_copy_of_the_base_unless_told_otherwise(frozen, tiny_model_dir, refs, tmp_path):
+    from accelerate import Accelerator
+
+    from accord.train import build_model
+
+    config = tiny_config(tiny_model_dir("sd"), refs, tmp_path / "d", method={"name": "dreambooth",
+                         "frozen_anchor": frozen}, accord={"dd_weight": 0.2, "dd_variant": "conditional"})
+    backbone, method = build_model(config, Accelerator(cpu=True))
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    cond = backbone.encode_prompts(["1 sks backpack"])
+    with torch.no_grad():
+        before = backbone.predict(x, t, cond)
+        for p in backbone.denoiser.parameters():
+            p.mul_(1.1)  # a training step's change, in place
+        tuned = backbone.predict(x, t, cond)
+        with method.base_model():
+            base = backbone.predict(x, t, cond)
+        after = backbone.predict(x, t, cond)
+    assert (tuned - before).abs().max() > 1e-3
+    torch.testing.assert_close(base, before if frozen else tuned)
+    torch.testing.assert_close(after, tuned)
+    assert all(p.requires_grad for p in backbone.denoiser.parameters())
+    _, plain = build_model(tiny_config(tiny_model_dir("sd"), refs, tmp_path / "p", method={"name": "dreambooth"},
+                                       accord={"dd_weight": 0.2}), Accelerator(cpu=True))
+    assert plain._anchor is None  # no copy for a form that reads no anchor
+
+
 def _step(config):
     from accord.backbones import load_backbone
     from accord.methods import get_method
@@ -156,20 +201,20 @@ def _step(config):
     return losses, grads, calls
 
 
-@pytest.mark.parametrize("variant", ["anchored", "composition", "frozen_personal"])
+@pytest.mark.parametrize("variant", ["anchored", "composition", "frozen_personal", "conditional"])
 def test_lean_gives_the_fast_gradient_for_each_variant(variant, tiny_model_dir, refs, tmp_path):
     model = tiny_model_dir("sd")
     fast, g_fast, calls_fast = _step(tiny_config(model, refs, tmp_path / "f",
                                                  accord={"dd_weight": 0.3, "dd_variant": variant}))
     lean, g_lean, calls_lean = _step(tiny_config(model, refs, tmp_path / "l",
                                                  accord={"dd_weight": 0.3, "dd_variant": variant, "mode": "lean"}))
-    anchor = [8] if variant == "anchored" else []  # 2 rows × (joint_s, s, g, ∅) through the base, no gradient
+    anchor = [8] if variant in ("anchored", "conditional") else []  # 2 rows × (joint_s, s, g, ∅) through the base, no gradient
     if variant == "frozen_personal":  # its own schedule in both modes: (c_p, c_g, ∅) without gradient, the joint with
         assert calls_fast == calls_lean == [6, 2]
     else:
         assert calls_fast == [4, *anchor, 4] and calls_lean == [*anchor, 6, 2, 2]
     assert fast.parts["dd"] > 0 and torch.allclose(fast.total, lean.total, rtol=1e-5)
-    if variant == "anchored":
+    if variant in ("anchored", "conditional"):
         assert "anchor_shift" in fast.parts
     for name in g_fast:
         assert torch.allclose(g_fast[name], g_lean[name], rtol=1e-4, atol=1e-7), name

@@ -162,7 +162,9 @@ class AccordConfig:
         "paper", "form of DDLoss (docs/regularizers.md): 'paper' is Eq. 8 as written, (t/T)|Delta|; 'anchored' "
         "matches Delta to the superclass's under the base model; 'alignment' matches <p,g> to the superclass's; "
         "'composition' is the joint step's distance from the sum of the single-concept steps; 'frozen_personal' "
-        "is Eq. 8 with U(c_p) stop-gradient", ("paper", "anchored", "alignment", "composition", "frozen_personal")
+        "is Eq. 8 with U(c_p) stop-gradient; 'conditional' matches what c_g changes given c_p to what it changes "
+        "given the superclass under the base model",
+        ("paper", "anchored", "alignment", "composition", "frozen_personal", "conditional")
     )
     dd_batch: int | None = _f(
         None, "samples of each batch that get the DD term (its personal/general/empty passes); default all"

@@ -61,7 +61,8 @@ _WEIGHT_KEYS = {"dd": ("accord", "dd_weight"), "pd": ("accord", "pd_weight"),
 _VARIANTS = {"dd-sg": ("dd", {"accord": {"dd_variant": "frozen_personal"}}),
              "dd-anchored": ("dd", {"accord": {"dd_variant": "anchored"}}),
              "dd-alignment": ("dd", {"accord": {"dd_variant": "alignment"}}),
-             "dd-composition": ("dd", {"accord": {"dd_variant": "composition"}})}
+             "dd-composition": ("dd", {"accord": {"dd_variant": "composition"}}),
+             "dd-conditional": ("dd", {"accord": {"dd_variant": "conditional"}})}
 
 
 def regularizer_config(name: str) -> dict:

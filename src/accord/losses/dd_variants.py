@@ -34,6 +34,17 @@ variant            per-sample loss, and why it serves Eq. 4
                    conditions do not. Its minimum has the joint step equal to the sum of the single-concept
                    steps, so a trigger that learned ``G`` is penalised (``J − P − G ≈ −G``).
 ``frozen_personal``  ``(t/T)·|Δ_t|`` with ``sg P``: Eq. 8 without the path that moves ``P`` to ``J``.
+``conditional``    ``(t/T)·k·‖(U_j − U_p) − sg(U_js − U_s)‖²``. By Bayes, ``r(c, c_g | x) = p(c_g | x, c) /
+                   p(c_g)``, so Eq. 4's gap at a noisy image is ``log r(c_p,c_g|x_t) − log r(c_s,c_g|x_t) =
+                   log p(c_g|x_t,c_p) − log p(c_g|x_t,c_s)``. Its gradient in ``x_t`` is the difference of
+                   the two conditional scores of ``c_g``: ``[∇log p(x_t|c_p,c_g) − ∇log p(x_t|c_p)] −
+                   [∇log p(x_t|c_s,c_g) − ∇log p(x_t|c_s)] ∝ (ε_j − ε_p) − (ε_js − ε_s)``, the superclass side
+                   through the base model. Zero everywhere makes the gap constant along the denoising path,
+                   so with Eq. 5's prior term small (PDLoss) it is Eq. 4 itself. Unlike ``|Δ|``, a sum of
+                   squares: no pair of terms can cancel, and it asks a whole vector (what the rest of the
+                   caption changes in the image, given the subject), not one scalar, to match. A trigger
+                   that learned part of ``c_g`` (a companion the captions name) makes ``U_j − U_p`` too
+                   small where that part is, so the penalty pushes it out of ``U_p``.
 =================  =======================================================================================
 
 Gradient flows through ``joint`` and ``personal`` (``frozen_personal``: ``joint`` only); ``general``, ``null``
@@ -48,9 +59,9 @@ from .dd import _coefficients, _eq7, _sq_norm, dd_loss, scale_factor
 
 __all__ = ["VARIANTS", "ANCHORED", "dd_variant_loss"]
 
-VARIANTS = ("paper", "anchored", "alignment", "composition", "frozen_personal")
+VARIANTS = ("paper", "anchored", "alignment", "composition", "frozen_personal", "conditional")
 #: the variants that read the superclass anchor
-ANCHORED = ("anchored", "alignment")
+ANCHORED = ("anchored", "alignment", "conditional")
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,7 +71,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def dd_variant_loss(variant: str, joint, personal, general, null, *, sample, timesteps, scheduler,
                     scale: str = "reference", anchor: tuple | None = None):
     """Per-sample loss of ``variant`` (see the module docstring), shaped ``[B]``; ``anchor`` is
-    ``(joint_s, superclass, general_b, null_b)`` for ``anchored`` and ``alignment``.
+    ``(joint_s, superclass, general_b, null_b)`` for ``anchored``, ``alignment`` and ``conditional``.
 
     Returns ``(per_sample, components)`` as :func:`accord.losses.dd.dd_loss` does (``dependence_shift``,
     ``weight``, ``dd``, ``terms``), plus ``anchor_shift`` (``Δ^base(c_s)`` in nats) where an anchor is given.
@@ -85,7 +96,10 @@ def dd_variant_loss(variant: str, joint, personal, general, null, *, sample, tim
         value = k * _sq_norm(big_j - big_p - big_g)
     else:
         js, s, gb, nb = (x.detach().to(dtype) for x in anchor)
-        if variant == "anchored":
+        if variant == "conditional":
+            comps["anchor_shift"] = _eq7(c, js, s, gb, nb)["shift"]
+            value = k * _sq_norm((j - p) - (js - s))
+        elif variant == "anchored":
             base = _eq7(c, js, s, gb, nb)["shift"]
             comps["anchor_shift"] = base
             value = (_eq7(c, j, p, g, n)["shift"] - base).abs()

@@ -221,9 +221,9 @@ class Method:
     @contextlib.contextmanager
     def base_model(self):
         """Predictions of the base model inside (the superclass anchor of ``accord.dd_variant``): peft adapters
-        (LoRA, Break-A-Scene) are switched off; methods that change weights in place (DreamBooth, Custom
-        Diffusion, IP-Adapter's layers) predict with their current weights, used with stop-gradient — a frozen
-        copy would double the model's memory. Textual Inversion's weights are the base ones."""
+        (LoRA, Break-A-Scene) are switched off; DreamBooth keeps a frozen copy (``method.frozen_anchor``); the
+        other methods that change weights in place (Custom Diffusion, IP-Adapter's layers) predict with their
+        current weights, used with stop-gradient. Textual Inversion's weights are the base ones."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         layers = [m for module in self.unwrapped_modules() for m in module.modules() if isinstance(m, BaseTunerLayer)]
