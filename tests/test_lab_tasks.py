@@ -52,11 +52,35 @@ def test_shipped_task_loads_and_its_leak_is_what_every_reference_shows(name):
 @pytest.mark.parametrize("name,hidden", [("object-object-generic", "striped"), ("style-content", "striped")])
 def test_coupled_look_is_in_the_images_but_not_in_the_captions(name, hidden):
     t = T.load_task(name)
-    for scene in t.scenes:
+    named = 0
+    for i, scene in enumerate(t.scenes):
         others = [o for o in scene.objects if o.shape != t.subject.shape]
         assert others and all(o.pattern == hidden for o in others)
-        assert hidden not in t.reference_caption(scene)
-        assert all(o.shape in t.reference_caption(scene) for o in others)  # the object is named, generically
+        cap = t.reference_caption(scene, i)
+        assert hidden not in cap
+        if t.captions.in_full(i):
+            assert all(o.shape in cap for o in others)  # the object is named, generically
+            named += 1
+        else:
+            assert cap == f"{t.trigger} {t.class_noun}"
+    assert named >= 3  # most captions name it, so the general concept c_g has it
+
+
+def test_mention_captions_that_fraction_of_references_in_full_and_the_rest_with_the_subject_alone(tmp_path):
+    t = T.load_task("object-object-generic")
+    for mention, named in [(1.0, [0, 1, 2, 3, 4]), (0.6, [1, 3, 4]), (0.4, [2, 4]), (0.2, [4])]:
+        caps = [T.Captions(objects="shape", mention=mention)]
+        task = T.Task(**{**t.__dict__, "captions": caps[0]})
+        got = [i for i, scene in enumerate(task.scenes) if "triangle" in task.reference_caption(scene, i)]
+        assert got == named, (mention, got)
+        for i, scene in enumerate(task.scenes):
+            full = f"sks circle, triangle, {scene.background} background"
+            assert task.reference_caption(scene, i) == (full if i in named else "sks circle")
+            assert task.general_caption(scene, i) == (full[len("sks circle, "):] if i in named else "")
+    task = T.Task(**{**t.__dict__, "captions": T.Captions(objects="shape", mention=0.6)})
+    folder = task.write_references(tmp_path / "refs")
+    assert [(folder / f"{i:02d}.txt").read_text().strip() for i in range(5)] == [
+        task.reference_caption(scene, i) for i, scene in enumerate(task.scenes)]
 
 
 def test_generated_references_are_seeded_and_keep_to_the_rules():
@@ -246,6 +270,7 @@ BAD = {
     "no-counted-prompt": (_set("prompts", [["composition", "sks circle, yellow triangle, green background"]]),
                           ["prompts: no prompt counts toward the leak rate"]),
     "bad-caption-rule": (_set("captions.objects", "all"), ["captions.objects: 'all'", "full, color, shape, omit"]),
+    "mention-out-of-range": (_set("captions.mention", 1.5), ["captions.mention", "(0, 1]"]),
     "generator-runs-out": (_set("references", {"generate": {"count": 2, "background": "blue", "objects": [
         {"use": "subject", "place": ["left"]}, {"use": "triangle", "place": ["left"]}]}}),
         ["references.generate.objects[1].place", "taken by an earlier object"]),

@@ -17,6 +17,7 @@ after seeing results (``protocol_version`` records that). The module-level names
 from __future__ import annotations
 
 import difflib
+import math
 import random
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -54,10 +55,19 @@ class Subject:
 class Captions:
     """How a reference is captioned: the subject as ``"<trigger> <class_noun>"``, then the other objects
     (``full``: colour, pattern and shape; ``color``: colour and shape; ``shape``: the shape word only;
-    ``omit``: not named), then the background (``"<colour> background"``) if ``background``."""
+    ``omit``: not named), then the background (``"<colour> background"``) if ``background``. ``mention`` is the
+    fraction of references captioned so; the others carry the subject's phrase alone, as a template caption
+    ("a photo of sks dog") does, spread evenly over the references (:meth:`in_full`)."""
     objects: str = "full"
     places: bool = False
     background: bool = True
+    mention: float = 1.0
+
+    def in_full(self, index: int) -> bool:
+        """Whether reference ``index`` is captioned by the rule rather than with the subject's phrase alone: the
+        i-th of n references is when ``floor((i+1)·mention) > floor(i·mention)``, so round(n·mention) of them are,
+        evenly spread (mention 0.6 over 5: references 1, 3 and 4)."""
+        return math.floor((index + 1) * self.mention + 1e-9) > math.floor(index * self.mention + 1e-9)
 
 
 @dataclass(frozen=True)
@@ -156,16 +166,18 @@ class Task:
     def reference_scenes(self) -> list[Scene]:
         return list(self.scenes)
 
-    def reference_caption(self, scene: Scene) -> str:
+    def reference_caption(self, scene: Scene, index: int = 0) -> str:
         subject = scene.find(self.subject.shape)
-        rest = self.general_caption(scene)
+        rest = self.general_caption(scene, index)
         head = caption(Scene(scene.background, (subject,)), places=self.captions.places, background=False,
                        names={self.subject.shape: f"{self.trigger} {self.class_noun}"})
         return ", ".join(p for p in (head, rest) if p)
 
-    def general_caption(self, scene: Scene) -> str:
-        """The caption of everything but the subject (Break-A-Scene's ``general`` context)."""
+    def general_caption(self, scene: Scene, index: int = 0) -> str:
+        """The caption of everything but the subject (Break-A-Scene's ``general`` context) of reference ``index``."""
         style = self.captions
+        if not style.in_full(index):
+            return ""
         others = [o for o in scene.objects if o.shape != self.subject.shape]
         if style.objects == "omit":
             others = []
@@ -183,7 +195,7 @@ class Task:
         folder.mkdir(parents=True, exist_ok=True)
         for i, scene in enumerate(self.scenes):
             Image.fromarray(render(scene)).save(folder / f"{i:02d}.png")
-            (folder / f"{i:02d}.txt").write_text(self.reference_caption(scene) + "\n")
+            (folder / f"{i:02d}.txt").write_text(self.reference_caption(scene, i) + "\n")
         return folder
 
     def write_masked_references(self, folder: Path, token: str) -> Path:
@@ -203,7 +215,7 @@ class Task:
             subject = scene.find(self.subject.shape)
             mask = np.where(mask_of(subject), 255, 0).astype(np.uint8).reshape(SIZE, SIZE)
             Image.fromarray(mask).save(folder / f"m{i:02d}.png")
-            general = self.general_caption(scene)
+            general = self.general_caption(scene, i)
             text = ", ".join(p for p in (f"a photo of {token}", general) if p)
             (folder / f"{i:02d}.txt").write_text(text + "\n")  # the same caption, for the dependence-shift measurement
             lines.append(json.dumps({"file_name": f"{i:02d}.png", "caption": text, "general": general,
@@ -271,6 +283,11 @@ class _Reader:
         if not isinstance(value, bool):
             raise self.fail(key, f"expected true or false, got {_kind(value)}")
         return value
+
+    def fraction(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise self.fail(key, f"expected a number in (0, 1], got {value!r}")
+        return float(value)
 
     def integer(self, value: Any, key: str, lo: int, hi: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -438,11 +455,12 @@ def load_task(path: str | Path) -> Task:
         coupled[str(name)] = Obj(**{k: r.choice(v, f"coupled.{name}.{k}", *_ATTRS[k]) for k, v in c.items()})
     concepts = {"subject": subject.obj, **coupled}
     scenes = _references(r, data["references"], concepts, subject)
-    cap = r.mapping(data.get("captions") or {}, "captions", ("objects", "places", "background"))
+    cap = r.mapping(data.get("captions") or {}, "captions", ("objects", "places", "background", "mention"))
     captions = Captions(objects=r.choice(cap.get("objects", "full"), "captions.objects", CAPTION_OBJECTS,
                                          "a naming rule"),
                         places=r.flag(cap.get("places", False), "captions.places"),
-                        background=r.flag(cap.get("background", True), "captions.background"))
+                        background=r.flag(cap.get("background", True), "captions.background"),
+                        mention=r.fraction(cap.get("mention", 1.0), "captions.mention"))
     leak = _leak(r, data["leak"], subject, coupled)
     if not isinstance(data["prompts"], list) or not data["prompts"]:
         raise r.fail("prompts", f"expected a list of [category, prompt] pairs, got {_kind(data['prompts'])}")
