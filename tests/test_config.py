@@ -145,7 +145,8 @@ def test_key_of_another_method_is_one_line():
         load_config(None, ["model.pretrained=x", "data.instance_dir=d", "data.class_noun=dog", "method.ip_dataset=a/b"])
     with pytest.raises(ConfigError) as info:  # a key of no method: the unknown-key line with this method's keys
         config_from_dict({**BASE, "method": {"name": "dreambooth", "lora_rnak": 8}})
-    assert str(info.value) == "unknown config key 'method.lora_rnak'; allowed here: name, train_text_encoder"
+    assert str(info.value) == ("unknown config key 'method.lora_rnak'; allowed here: name, train_text_encoder, "
+                               "frozen_anchor")
 
 
 def test_flat_configs_of_older_versions_still_load():
