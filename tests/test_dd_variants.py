@@ -208,7 +208,8 @@ def test_lean_gives_the_fast_gradient_for_each_variant(variant, tiny_model_dir, 
                                                  accord={"dd_weight": 0.3, "dd_variant": variant}))
     lean, g_lean, calls_lean = _step(tiny_config(model, refs, tmp_path / "l",
                                                  accord={"dd_weight": 0.3, "dd_variant": variant, "mode": "lean"}))
-    anchor = [8] if variant in ("anchored", "conditional") else []  # 2 rows × (joint_s, s, g, ∅) through the base, no gradient
+    # 2 rows × (joint_s, s, g, ∅) through the base, no gradient
+    anchor = [8] if variant in ("anchored", "conditional") else []
     if variant == "frozen_personal":  # its own schedule in both modes: (c_p, c_g, ∅) without gradient, the joint with
         assert calls_fast == calls_lean == [6, 2]
     else:

@@ -177,7 +177,7 @@ def test_bench_v2_resumes_where_it_stopped(tmp_path, monkeypatch):
     out = tmp_path / "v2"
     argv = ["lab", "bench", "--protocol", "2", "--quick", "--methods", "lora", "--regularizers", "none", "dd",
             "--seeds", "1", "--steps", "2", "--eval-at", "1,2", "--images", "1", "--sample-steps", "1",
-            "--weights", str(weights), "--output", str(out), "--no-progress"]
+            "--weights", str(weights), "--output", str(out), "--no-progress", "--jobs", "1"]  # spies: one process
     run = out / "runs-v2" / "lora-none-s0"
     calls["stop"] = 2
     assert main(argv) == 130  # interrupted
@@ -201,6 +201,33 @@ def test_bench_v2_resumes_where_it_stopped(tmp_path, monkeypatch):
     page = (out / "report.html").read_text()
     assert "curve-lora.png" in page and "samples-lora-dd-s0.png" in page and (out / "samples-lora-dd-s0.png").is_file()
     assert "| lora | dd | 2 | 1 |" in (out / "summary.md").read_text()
+
+
+def test_bench_v2_runs_settings_in_parallel_processes(tmp_path):
+    """--jobs 2: each setting trained and evaluated in a worker process; the records and the report are whole."""
+    from accord.cli import main
+    from accord.lab.judge import weights_dir
+
+    try:
+        weights = weights_dir()
+    except Exception as exc:  # noqa: BLE001 - no shipped weights: nothing to run
+        pytest.skip(str(exc))
+    out = tmp_path / "v2"
+    argv = ["lab", "bench", "--protocol", "2", "--quick", "--methods", "lora", "--regularizers", "none", "dd",
+            "--seeds", "1", "--steps", "2", "--eval-at", "1,2", "--images", "1", "--sample-steps", "1",
+            "--weights", str(weights), "--output", str(out), "--no-progress", "--task", "object-object-generic",
+            "--jobs", "2"]
+    assert main(argv) == 0
+    for name in ("lora-none-s0", "lora-dd-s0"):
+        for step in (1, 2):
+            record = json.loads(P.eval_file(out / "runs-v2" / name, step).read_text())
+            assert record["name"] == name and record["step"] == step and record["rows"]
+    evals = json.loads((out / "evals.json").read_text())
+    assert [(e["name"], e["step"]) for e in evals] == [("lora-none-s0", 1), ("lora-none-s0", 2), ("lora-dd-s0", 1),
+                                                       ("lora-dd-s0", 2)]
+    assert sorted(p.name for p in (out / "references" / "lora").iterdir()) == [
+        f"{i:02d}.{ext}" for i in range(5) for ext in ("png", "txt")]  # written whole by both workers, no leftovers
+    assert main([*argv[:-1], "1"]) == 0  # everything on disk: nothing is run again, whatever --jobs says
 
 
 def test_a_folder_resumes_only_the_same_settings(tmp_path):

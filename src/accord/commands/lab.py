@@ -46,6 +46,8 @@ def add_arguments(parser) -> None:
     b.add_argument("--sample-steps", type=int, default=25)
     b.add_argument("--weights", help="lab weights folder (default: the shipped one)")
     b.add_argument("--task", help="task YAML file, or a shipped task's name (default: object-object; docs/lab.md)")
+    b.add_argument("--jobs", type=int, help="runs at a time, each in its own process with one thread (default: the "
+                   "usable CPU cores, at most 2)")
     b.add_argument("--no-progress", action="store_true")
     q = sub.add_parser("quality", help="measure the quality bars: detector accuracy, mini-CLIP retrieval, "
                        "T2I compositional accuracy")
@@ -114,7 +116,7 @@ def _bench(args) -> int:
              f"{args.images} images per prompt. 95% t-intervals over seeds.")
     results, report, seconds = run_experiment(settings, Path(args.output or "accord-lab-bench"),
                                               title="accord lab bench", intro=intro, weights=args.weights,
-                                              progress=not args.no_progress)
+                                              progress=not args.no_progress, jobs=jobs(args))
     print(format_table(summarize(results)))
     print(f"\nreport: {report}  ({seconds / 60:.1f} min)")
     return 0
@@ -157,6 +159,19 @@ def v2_schedule(args) -> tuple[int, tuple[int, ...]]:
     return steps, eval_at
 
 
+def jobs(args) -> int:
+    """``--jobs``, or the default (:func:`accord.lab.experiment.default_jobs`); a bad value is one line."""
+    from ..errors import AccordError
+    from ..lab.experiment import default_jobs
+
+    n = getattr(args, "jobs", None)
+    if n is None:
+        return default_jobs()
+    if n < 1:
+        raise AccordError(f"--jobs {n}: give 1 or more runs at a time")
+    return n
+
+
 def _bench_v2(args, task) -> int:
     from ..errors import AccordError
     from ..lab.protocol import QUICK, V2_SEEDS, quick_prompts, run_bench_v2
@@ -183,7 +198,7 @@ def _bench_v2(args, task) -> int:
     folder = Path(args.output or "accord-lab-bench-v2")
     evals, report, seconds = run_bench_v2(settings, folder, eval_at, title="accord lab bench, protocol 2",
                                           intro=intro, reference_step=args.reference_step, weights=args.weights,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress, jobs=jobs(args))
     print((folder / "summary.md").read_text())
     print(f"\nreport: {report}  ({seconds / 60:.1f} min)")
     return 0

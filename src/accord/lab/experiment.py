@@ -12,7 +12,7 @@ import numpy as np
 from .report import format_table, format_terms, sample_grid, summarize, summarize_terms, write_report
 from .runner import Setting, run_setting
 
-__all__ = ["run_experiment", "quiet", "open_bench", "runs_bar"]
+__all__ = ["run_experiment", "quiet", "open_bench", "runs_bar", "map_runs", "default_jobs"]
 
 
 def quiet() -> None:
@@ -32,16 +32,71 @@ def quiet() -> None:
     logging.getLogger("accord").setLevel(logging.WARNING)
 
 
+def default_jobs() -> int:
+    """Runs at a time by default: one per CPU core this process may use, at most 2 (each run is given one thread;
+    past two, the lab's small models gain little and memory grows)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(weights) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    quiet()
+    from .judge import Judge
+
+    _WORKER["judge"] = Judge(weights)
+
+
+def _in_worker(fn, s, kwargs):
+    return fn(s, judge=_WORKER["judge"], **kwargs)
+
+
+def map_runs(fn, settings: list, judge, *, jobs: int, desc: str, progress: bool, weights=None, **kwargs) -> list:
+    """``fn(s, judge=..., **kwargs)`` for every setting, results in the settings' order. ``jobs > 1``: that many
+    worker processes, one thread each, each with its own judge; runs are seeded, so a setting gives the same
+    numbers whichever worker trains it (up to float summation order across thread counts)."""
+    if jobs <= 1 or len(settings) <= 1:
+        return [fn(s, judge=judge, progress=progress, **kwargs) for s in runs_bar(settings, desc, progress)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    results: list = [None] * len(settings)
+    with ProcessPoolExecutor(min(jobs, len(settings)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(weights,)) as pool:
+        futures = {pool.submit(_in_worker, fn, s, {**kwargs, "weights": weights, "progress": False}): i
+                   for i, s in enumerate(settings)}
+        bar = tqdm(total=len(settings), desc=f"{desc} ({jobs} at a time)", disable=not progress)
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()
+            bar.set_postfix_str(settings[i].name)
+            bar.update()
+        bar.close()
+    return results
+
+
+def _run_or_reuse(s: Setting, judge, root: Path, weights=None, progress: bool = False) -> dict:
+    done = root / "runs" / s.name / "result.json"
+    if done.is_file() and json.loads(done.read_text())["setting"]["steps"] == s.steps:
+        return json.loads(done.read_text())
+    return run_setting(s, root, judge, weights=weights, progress=progress)
+
+
 def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: str, notes=None,
-                   weights: Path | None = None, progress: bool = True) -> tuple[list[dict], Path, float]:
+                   weights: Path | None = None, progress: bool = True,
+                   jobs: int = 1) -> tuple[list[dict], Path, float]:
     task, judge, t0 = open_bench(settings, folder, weights)
-    results = []
-    for s in runs_bar(settings, "lab runs", progress):
-        done = folder / "runs" / s.name / "result.json"
-        if done.is_file() and json.loads(done.read_text())["setting"]["steps"] == s.steps:
-            results.append(json.loads(done.read_text()))
-            continue
-        results.append(run_setting(s, folder, judge, weights=weights, progress=progress))
+    results = map_runs(_run_or_reuse, settings, judge, jobs=jobs, desc="lab runs", progress=progress,
+                       weights=weights, root=folder)
     grids = {}
     first_seed = min(s.seed for s in settings)
     for r in results:

@@ -130,21 +130,25 @@ def run_setting_v2(s, root: Path, judge, eval_at: tuple, weights: Path | None = 
 
 def run_bench_v2(settings: list, folder: Path, eval_at: tuple, *, title: str, intro: str,
                  reference_step: int | None = None, weights: Path | None = None,
-                 progress: bool = True) -> tuple[list[dict], Path, float]:
-    """Run every setting under protocol v2 (resuming), then write ``evals.json``, ``summary.md`` and ``report.html``."""
+                 progress: bool = True, jobs: int = 1) -> tuple[list[dict], Path, float]:
+    """Run every setting under protocol v2 (resuming; ``jobs`` at a time), then write ``evals.json``, ``summary.md``
+    and ``report.html``."""
     import time
 
-    from .experiment import open_bench, runs_bar
+    from .experiment import map_runs, open_bench
 
     task, judge, t0 = open_bench(settings, folder, weights, "runs-v2/*/eval-step-*.json", "protocol-v2 runs")
-    evals = []
-    for s in runs_bar(settings, "lab runs (protocol 2)", progress):
-        evals += run_setting_v2(s, folder, judge, eval_at, weights=weights, progress=progress)
+    evals = [e for run in map_runs(_v2, settings, judge, jobs=jobs, desc="lab runs (protocol 2)", progress=progress,
+                                   weights=weights, root=folder, eval_at=eval_at) for e in run]
     seconds = time.time() - t0
     (folder / "evals.json").write_text(json.dumps(evals))
     report = write_report_v2(folder, evals, title=title, intro=intro + f" Wall time: {seconds / 60:.1f} min.",
                              reference_step=reference_step, task=task)
     return evals, report, seconds
+
+
+def _v2(s, judge, root: Path, eval_at: tuple, weights=None, progress: bool = False) -> list[dict]:
+    return run_setting_v2(s, root, judge, eval_at, weights=weights, progress=progress)
 
 
 # ---------------------------------------------------------------------------- aggregation (pure)

@@ -172,10 +172,7 @@ def references(folder: Path, trigger: str, method: str = "lora", t: task.Task | 
     t = t or task.default_task()
     if method == "break_a_scene":
         return t.write_masked_references(folder, trigger)
-    t.write_references(folder)
-    for txt in folder.glob("*.txt"):
-        txt.write_text(txt.read_text().replace(f"{t.trigger} ", f"{trigger} "))
-    return folder
+    return t.write_references(folder, trigger)
 
 
 def prompt_text(p: task.EvalPrompt, trigger: str, t: task.Task | None = None) -> str:

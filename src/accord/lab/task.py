@@ -188,14 +188,17 @@ class Task:
         text = caption(Scene(scene.background, tuple(others)), places=style.places, background=style.background)
         return " ".join(text.split())  # ``shape`` leaves an empty colour word
 
-    def write_references(self, folder: Path) -> Path:
-        """PNG + ``.txt`` caption sidecars, e.g. ``"sks circle, yellow triangle, blue background"``."""
-        from PIL import Image
-
+    def write_references(self, folder: Path, trigger: str | None = None) -> Path:
+        """PNG + ``.txt`` caption sidecars, e.g. ``"sks circle, yellow triangle, blue background"`` (``trigger``
+        in place of the task's). Files already holding the same bytes are left alone, and the others replaced
+        whole, so runs in parallel processes can write and read one references folder."""
         folder.mkdir(parents=True, exist_ok=True)
         for i, scene in enumerate(self.scenes):
-            Image.fromarray(render(scene)).save(folder / f"{i:02d}.png")
-            (folder / f"{i:02d}.txt").write_text(self.reference_caption(scene, i) + "\n")
+            _put(folder / f"{i:02d}.png", _png(render(scene)))
+            text = self.reference_caption(scene, i)
+            if trigger:
+                text = text.replace(f"{self.trigger} ", f"{trigger} ")
+            _put(folder / f"{i:02d}.txt", (text + "\n").encode())
         return folder
 
     def write_masked_references(self, folder: Path, token: str) -> Path:
@@ -204,23 +207,22 @@ class Task:
         import json
 
         import numpy as np
-        from PIL import Image
 
         from .world import mask_of
 
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for i, scene in enumerate(self.scenes):
-            Image.fromarray(render(scene)).save(folder / f"{i:02d}.png")
+            _put(folder / f"{i:02d}.png", _png(render(scene)))
             subject = scene.find(self.subject.shape)
             mask = np.where(mask_of(subject), 255, 0).astype(np.uint8).reshape(SIZE, SIZE)
-            Image.fromarray(mask).save(folder / f"m{i:02d}.png")
+            _put(folder / f"m{i:02d}.png", _png(mask))
             general = self.general_caption(scene, i)
             text = ", ".join(p for p in (f"a photo of {token}", general) if p)
-            (folder / f"{i:02d}.txt").write_text(text + "\n")  # the same caption, for the dependence-shift measurement
+            _put(folder / f"{i:02d}.txt", (text + "\n").encode())  # the same caption, for the dependence shift
             lines.append(json.dumps({"file_name": f"{i:02d}.png", "caption": text, "general": general,
                                      "masks": {token: f"m{i:02d}.png"}}))
-        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        _put(folder / "metadata.jsonl", ("\n".join(lines) + "\n").encode())
         return folder
 
     def prompt_text(self, p: EvalPrompt, trigger: str) -> str:
@@ -237,6 +239,27 @@ class Task:
 
         return score(prompt, detected, names=self.names(trigger), coupled=self.leak.shape or "",
                      subject=self.subject.shape, subject_pattern=self.subject.pattern, leak=self.leak)
+
+
+def _png(pixels) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _put(path: Path, data: bytes) -> None:
+    """Write ``data`` unless ``path`` already holds it; replaced whole (a reader never sees half a file)."""
+    import os
+
+    if path.is_file() and path.read_bytes() == data:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- loading
