@@ -127,6 +127,26 @@ def test_terms_summary_takes_each_runs_last_checkpoint_and_the_base():
     assert "3.00e+00 ± 0.0e+00 → 0.00e+00 ± 0.0e+00" in format_terms(rows)
 
 
+def test_sample_grid_is_upscaled_labelled_and_frames_leaks(tmp_path):
+    from PIL import Image
+
+    from accord.lab.report import sample_grid
+
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    images[1] = 255  # one white image
+    rows = [{"prompt": "sks circle, green background", "leak": 0.0}, {"prompt": "sks circle, green background",
+                                                                       "leak": 1.0},
+            {"prompt": "sks circle, triangle, blue background", "leak": 0.0}, {"prompt": "x", "leak": 0.0}]
+    path = sample_grid({"setting": {"images_per_prompt": 2}, "rows": rows}, images, tmp_path / "g.png", scale=4)
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    side, pad, label = 128, 4, 300
+    assert grid.shape == (2 * (side + pad), label + 2 * (side + pad), 3)
+    tile = grid[:side, label + side + pad:label + 2 * side + pad]  # row 0, image 1: the leak
+    assert (tile[0, side // 2] == (220, 0, 0)).all() and (tile[side // 2, side // 2] == 255).all()
+    assert (grid[:side, label:label + side] == 0).all()  # image 0: no frame, black as drawn
+    assert (grid[:side, :label] < 128).any(axis=-1).sum() > 50  # the prompt is written in the label column
+
+
 def test_pretrain_cli_offers_every_stage():
     import argparse
 

@@ -179,14 +179,40 @@ def shift_curves(results: list[dict], path: Path) -> Path:
     return path
 
 
-def sample_grid(result: dict, images: np.ndarray, path: Path, scale: int = 3) -> Path:
-    """Rows = prompts, columns = images of one run, upscaled (nearest) for viewing."""
-    from PIL import Image
+def sample_grid(result: dict, images: np.ndarray, path: Path, scale: int = 4) -> Path:
+    """Rows = prompts, columns = images of one run, upscaled ``scale``× (nearest) for viewing; each row labelled with
+    its prompt on the left, and each image the detector counted as a leak framed in red."""
+    from PIL import Image, ImageDraw, ImageFont
 
     n = result["setting"]["images_per_prompt"]
-    rows = [np.concatenate(list(images[i * n:(i + 1) * n]), axis=1) for i in range(len(images) // n)]
-    grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    rows = result.get("rows") or []
+    side = images.shape[1] * scale
+    pad, label_w = 4, 300
+    count = len(images) // n
+    canvas = Image.new("RGB", (label_w + n * (side + pad), count * (side + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the bitmap font, one size
+        font = ImageFont.load_default()
+    for i in range(count):
+        y = i * (side + pad)
+        prompt = rows[i * n]["prompt"] if len(rows) >= (i + 1) * n else ""
+        words, lines = prompt.split(" "), [""]
+        for w in words:  # wrap to the label column
+            trial = f"{lines[-1]} {w}".strip()
+            if draw.textlength(trial, font=font) > label_w - 12 and lines[-1]:
+                lines.append(w)
+            else:
+                lines[-1] = trial
+        draw.multiline_text((6, y + 6), "\n".join(lines), fill="black", font=font)
+        for j in range(n):
+            x = label_w + j * (side + pad)
+            tile = Image.fromarray(images[i * n + j]).resize((side, side), Image.NEAREST)
+            canvas.paste(tile, (x, y))
+            if len(rows) > i * n + j and rows[i * n + j].get("leak"):
+                draw.rectangle((x, y, x + side - 1, y + side - 1), outline=(220, 0, 0), width=3)
+    canvas.save(path)
     return path
 
 
@@ -218,7 +244,8 @@ def write_report(folder: Path, results: list[dict], *, title: str, intro: str, g
     parts.append("<h2>Per prompt category (Appendix H)</h2>")
     for c in task.categories:
         parts += [f"<h3>{c}</h3>", _html_table(summarize(results, c))]
-    parts.append("<h2>Samples</h2><p>Rows: the evaluation prompts below, in order; columns: images (first seed).</p>")
+    parts.append("<h2>Samples</h2><p>Rows: the evaluation prompts (also listed below), in order; columns: images "
+                 "(first seed); a red frame marks an image the detector counted as a leak.</p>")
     parts.append("<ol>" + "".join(f"<li>[{p.category}] {html.escape(p.text)}</li>" for p in task.prompts) + "</ol>")
     parts.append("<div style='display:flex;gap:16px;flex-wrap:wrap'>" + "".join(
         f"<figure><img src='{html.escape(p.name)}'><figcaption>{html.escape(name)}</figcaption></figure>"
