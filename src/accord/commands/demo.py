@@ -57,7 +57,7 @@ def run(args) -> int:
                         sample_steps=args.sample_steps, checkpoints=2, task=task)
                 for seed in task.seeds[:args.seeds] for reg in ("none", "dd")]
     leak = task.leak.description or f"the task's coupled concept is detected ({task.leak.kind})"
-    intro = (f"LoRA (rank 8, {args.steps} steps) on the lab model, without and with DDLoss (weight {DD_WEIGHT}), "
+    intro = (f"LoRA (rank 32, {args.steps} steps) on the lab model, without and with DDLoss (weight {DD_WEIGHT}), "
              f"{args.seeds} seed(s), {args.images} images per prompt. Leak rate: {leak}. 95% intervals over seeds.")
     results, report, seconds = run_experiment(settings, Path(args.output), title="accord demo: concept coupling",
                                               intro=intro, notes=_verdict, weights=args.weights,
