@@ -230,8 +230,10 @@ def test_bench_regularizer_names_and_weights():
     from accord.errors import AccordError
     from accord.lab.runner import DD_WEIGHT, regularizer_config, settings_for
 
-    assert regularizer_config("dd") == {"accord": {"dd_weight": DD_WEIGHT}}
-    assert regularizer_config("dd@20") == {"accord": {"dd_weight": 20.0}}
+    # "dd" is Eq. 8 as written whatever accord.dd_variant's default; dd-conditional the chosen form at its weight
+    assert regularizer_config("dd") == {"accord": {"dd_weight": DD_WEIGHT, "dd_variant": "paper"}}
+    assert regularizer_config("dd@20") == {"accord": {"dd_weight": 20.0, "dd_variant": "paper"}}
+    assert regularizer_config("dd-conditional") == {"accord": {"dd_weight": DD_WEIGHT, "dd_variant": "conditional"}}
     assert regularizer_config("sude@0.8") == {"regularizers": {"sude_weight": 0.8}}
     assert regularizer_config("dd-sg@600") == {"accord": {"dd_weight": 600.0, "dd_variant": "frozen_personal"}}
     assert regularizer_config("dd-composition@0.2") == {"accord": {"dd_weight": 0.2, "dd_variant": "composition"}}
@@ -254,10 +256,11 @@ def test_lab_recipes_are_registered_methods(capsys):
     for name, recipe in METHODS.items():
         assert config_from_dict({"method": recipe["method"]}).method.name == name
     assert {m: settings_for(m) for m in METHODS} == {
-        "lora": ["none", "dd", "sude"], "dreambooth": ["none", "dd", "prior", "sude"],
-        "textual_inversion": ["none", "dd", "pd", "dd+pd", "sude", "classdiffusion"],
-        "custom_diffusion": ["none", "dd", "pd", "dd+pd", "prior", "sude", "classdiffusion"],
-        "break_a_scene": ["none", "dd"]}
+        "lora": ["none", "dd", "dd-conditional", "sude"],
+        "dreambooth": ["none", "dd", "dd-conditional", "prior", "sude"],
+        "textual_inversion": ["none", "dd", "dd-conditional", "pd", "dd+pd", "sude", "classdiffusion"],
+        "custom_diffusion": ["none", "dd", "dd-conditional", "pd", "dd+pd", "prior", "sude", "classdiffusion"],
+        "break_a_scene": ["none", "dd", "dd-conditional"]}
     assert main(["lab", "bench", "--methods", "ip_adapter", "--output", "unused"]) != 0
     assert "--methods 'ip_adapter' has no lab recipe" in capsys.readouterr().err
 

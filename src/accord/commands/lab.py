@@ -27,10 +27,11 @@ def add_arguments(parser) -> None:
     b.add_argument("--methods", nargs="+", help="methods to bench (default: every method with a lab recipe, all but "
                    "the image-encoder ones)")
     b.add_argument("--regularizers", nargs="+",
-                   help="subset of none dd pd dd+pd prior sude classdiffusion (default: all that apply to each "
-                   "method); NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, "
-                   "dd-anchored, dd-alignment, dd-composition@WEIGHT are DDLoss's other forms (accord.dd_variant; "
-                   "docs/regularizers.md)")
+                   help="subset of none dd dd-conditional pd dd+pd prior sude classdiffusion (default: all that "
+                   "apply to each method; dd is Eq. 8 as written, dd-conditional DDLoss's conditional form); "
+                   "NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, dd-anchored, "
+                   "dd-alignment, dd-composition, dd-conditional@WEIGHT are DDLoss's other forms "
+                   "(accord.dd_variant; docs/regularizers.md)")
     b.add_argument("--seeds", type=int, help="training seeds per setting (default: 3; protocol 2: 5)")
     b.add_argument("--steps", type=int, help="training steps per run (default: 150; protocol 2: 600, or the last "
                    "--eval-at step)")

@@ -46,9 +46,11 @@ DD_WEIGHT, PD_WEIGHT = 0.2, 0.002
 SUDE_WEIGHT, CLASSDIFFUSION_WEIGHT = 0.4, 0.1  # SuDe: its official code's default
 REGULARIZERS: dict[str, dict] = {
     "none": {},
-    "dd": {"accord": {"dd_weight": DD_WEIGHT}},
+    "dd": {"accord": {"dd_weight": DD_WEIGHT, "dd_variant": "paper"}},  # Eq. 8 as written, whatever the default
     "pd": {"accord": {"pd_weight": PD_WEIGHT}},
-    "dd+pd": {"accord": {"dd_weight": DD_WEIGHT, "pd_weight": PD_WEIGHT}},
+    "dd+pd": {"accord": {"dd_weight": DD_WEIGHT, "pd_weight": PD_WEIGHT, "dd_variant": "paper"}},
+    # DDLoss's conditional form (accord.dd_variant: conditional) at the same weight, chosen on validation seeds
+    "dd-conditional": {"accord": {"dd_weight": DD_WEIGHT, "dd_variant": "conditional"}},
     "prior": {"data": {"with_prior_preservation": True, "num_class_images": 20}},
     # Comparators (docs/regularizers.md's example weights, fixed before any lab result).
     "sude": {"regularizers": {"sude_weight": SUDE_WEIGHT}},
@@ -75,7 +77,7 @@ def regularizer_config(name: str) -> dict:
     if name in REGULARIZERS:
         return REGULARIZERS[name]
     base, _, weight = name.partition("@")
-    regularizer, extra = _VARIANTS.get(base, (base, {}))
+    regularizer, extra = _VARIANTS.get(base, (base, {"accord": {"dd_variant": "paper"}} if base == "dd" else {}))
     try:
         value = float(weight)
     except ValueError:
@@ -91,7 +93,7 @@ def settings_for(method: str) -> list[str]:
     """The regularizer settings that apply to ``method``."""
     from ..methods.base import get_method
 
-    regs = ["none", "dd"]
+    regs = ["none", "dd", "dd-conditional"]
     if method == "break_a_scene":  # its own masked loss; SuDe's class prompts do not fit its union prompts
         return regs
     trains_personal = get_method(method).learns_personal_embedding  # c_p is trainable: PDLoss applies
