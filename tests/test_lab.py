@@ -223,7 +223,10 @@ def test_demo_end_to_end_shortened(tmp_path):
     html = (out / "report.html").read_text()
     assert "leak rate" in html and "leak_rates.png" in html
     assert (out / "leak_rates.png").is_file() and (out / "dependence_shift.png").is_file()
-    assert "| lora | dd |" in (out / "summary.md").read_text()
+    assert "| lora | dd-conditional |" in (out / "summary.md").read_text() and "object-object-generic" in html
+    assert "Leak rate" in html and "Eq. 7" in html  # the verdict and the terms over training
+    for name in ("lora-none-s0", "lora-dd-conditional-s0"):
+        assert f"samples-{name}.png" in html and (out / f"samples-{name}.png").is_file()
 
 
 def test_bench_regularizer_names_and_weights():
