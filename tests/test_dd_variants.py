@@ -59,6 +59,9 @@ def test_the_other_anchor_zeroes_each_anchored_variant():
     # whatever the single-concept steps are; anchor B's j_s − s = [0, −1] gives ‖[1, 1]‖² = 2
     shifted = [[3.0, 2.0], [2.0, 2.0], [5.0, 5.0], [4.0, 4.0]]
     assert _loss("conditional", _tensors(PREDS), shifted)[0].item() == pytest.approx(0, abs=1e-12)
+    only_two = _tensors(shifted[:2]) + [None, None]  # what the trainer passes: U_js and U_s
+    assert dd_variant_loss("conditional", *_tensors(PREDS), sample=torch.zeros(1, 2), timesteps=T, scheduler=SCHED,
+                           scale="sum", anchor=only_two)[0].item() == pytest.approx(0, abs=1e-12)
     assert _loss("conditional", _tensors(PREDS), ANCHOR_B)[0].item() == pytest.approx(0.5 * 2.0)
 
 
@@ -208,14 +211,14 @@ def test_lean_gives_the_fast_gradient_for_each_variant(variant, tiny_model_dir, 
                                                  accord={"dd_weight": 0.3, "dd_variant": variant}))
     lean, g_lean, calls_lean = _step(tiny_config(model, refs, tmp_path / "l",
                                                  accord={"dd_weight": 0.3, "dd_variant": variant, "mode": "lean"}))
-    # 2 rows × (joint_s, s, g, ∅) through the base, no gradient
-    anchor = [8] if variant in ("anchored", "conditional") else []
+    # 2 rows × (joint_s, s, g, ∅) through the base, no gradient; conditional reads (joint_s, s) only
+    anchor = {"anchored": [8], "conditional": [4]}.get(variant, [])
     if variant == "frozen_personal":  # its own schedule in both modes: (c_p, c_g, ∅) without gradient, the joint with
         assert calls_fast == calls_lean == [6, 2]
     else:
         assert calls_fast == [4, *anchor, 4] and calls_lean == [*anchor, 6, 2, 2]
     assert fast.parts["dd"] > 0 and torch.allclose(fast.total, lean.total, rtol=1e-5)
-    if variant in ("anchored", "conditional"):
+    if variant == "anchored":
         assert "anchor_shift" in fast.parts
     for name in g_fast:
         assert torch.allclose(g_fast[name], g_lean[name], rtol=1e-4, atol=1e-7), name

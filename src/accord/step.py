@@ -275,16 +275,18 @@ class DDTerm(Term):
         conds, rows = step.conds, step.conds.rows
         joint_s = conds.superclass_of([step.inputs.captions[r] for r in rows.tolist()])
         personal_s = [s or conds.superclass for s in conds.superclass_of(conds.personal_prompts)]
-        return {"anchor_joint": (rows, conds.frozen(joint_s, rows)),
-                "anchor_superclass": (rows, conds.frozen(personal_s, rows)),
-                "anchor_general": (rows, conds.frozen(conds.general_prompts, rows)),
-                "anchor_null": (rows, conds.frozen([""] * conds.k, rows))}
+        wanted = {"anchor_joint": (rows, conds.frozen(joint_s, rows)),
+                  "anchor_superclass": (rows, conds.frozen(personal_s, rows))}
+        if self.variant != "conditional":  # conditional reads only U_js − U_s
+            wanted.update(anchor_general=(rows, conds.frozen(conds.general_prompts, rows)),
+                          anchor_null=(rows, conds.frozen([""] * conds.k, rows)))
+        return wanted
 
     def per_sample(self, step, preds):
         rows, inputs, f = step.conds.rows, step.inputs, preds.frozen
         anchor = None
         if self.variant in ANCHORED:
-            anchor = tuple(f[f"anchor_{n}"] for n in ("joint", "superclass", "general", "null"))
+            anchor = tuple(f.get(f"anchor_{n}") for n in ("joint", "superclass", "general", "null"))
         per, comps = dd_variant_loss(self.variant, preds.joint[rows], preds.personal, f["general"], f["null"],
                                      sample=inputs.noisy[rows], timesteps=inputs.timesteps[rows],
                                      scheduler=step.backbone.noise_scheduler, scale=step.config.accord.dd_scale,

@@ -71,10 +71,12 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def dd_variant_loss(variant: str, joint, personal, general, null, *, sample, timesteps, scheduler,
                     scale: str = "reference", anchor: tuple | None = None):
     """Per-sample loss of ``variant`` (see the module docstring), shaped ``[B]``; ``anchor`` is
-    ``(joint_s, superclass, general_b, null_b)`` for ``anchored``, ``alignment`` and ``conditional``.
+    ``(joint_s, superclass, general_b, null_b)`` for ``anchored``, ``alignment`` and ``conditional`` (which reads
+    only the first two; the others may be None).
 
     Returns ``(per_sample, components)`` as :func:`accord.losses.dd.dd_loss` does (``dependence_shift``,
-    ``weight``, ``dd``, ``terms``), plus ``anchor_shift`` (``Δ^base(c_s)`` in nats) where an anchor is given.
+    ``weight``, ``dd``, ``terms``), plus ``anchor_shift`` (``Δ^base(c_s)`` in nats) for ``anchored`` and
+    ``alignment``.
     """
     if variant not in VARIANTS:
         raise ValueError(f"dd variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -95,9 +97,8 @@ def dd_variant_loss(variant: str, joint, personal, general, null, *, sample, tim
     if variant == "composition":
         value = k * _sq_norm(big_j - big_p - big_g)
     else:
-        js, s, gb, nb = (x.detach().to(dtype) for x in anchor)
-        if variant == "conditional":
-            comps["anchor_shift"] = _eq7(c, js, s, gb, nb)["shift"]
+        js, s, gb, nb = (None if x is None else x.detach().to(dtype) for x in anchor)
+        if variant == "conditional":  # reads U_js − U_s only (the trainer passes no general/null anchor)
             value = k * _sq_norm((j - p) - (js - s))
         elif variant == "anchored":
             base = _eq7(c, js, s, gb, nb)["shift"]
