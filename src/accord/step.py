@@ -257,8 +257,8 @@ class Term:
 
 class DDTerm(Term):
     """DDLoss on the DD rows: Eq. 8 (:func:`accord.losses.dd_loss`) or the variant ``accord.dd_variant`` names
-    (:mod:`accord.losses.dd_variants`); the anchored ones add the superclass's four predictions through the base
-    model, as one forward without gradient."""
+    (:mod:`accord.losses.dd_variants`); the anchored ones add the superclass's predictions through the base
+    model (four; conditional's two), as one forward without gradient."""
 
     name, reads_personal = "dd", True
 
