@@ -161,6 +161,13 @@ def test_falling_personal_term_warns_once_with_dd_on_only():
         off.add(step, {"eq7_personal": value})
         off.close_window(step + 1)
     assert len(said) == 1
+    for variant, warns in [("anchored", True), ("conditional", False), ("composition", False)]:
+        heard = []
+        form = TermsMonitor(0.2, "reference", warn=lambda *a: heard.append(a), dd_variant=variant)
+        for step, value in enumerate(series):
+            form.add(step, {"eq7_personal": value})
+            form.close_window(step + 1)
+        assert len(heard) == int(warns), variant  # only the |Δ| forms reward the fall the warning reads
 
 
 def test_monitor_state_round_trips_through_json():

@@ -7,9 +7,10 @@ warns once each:
 
 - **inert**: DDLoss's gradient share stays below 1 % (three measurements in a row, or every measurement of a run
   that had fewer): at this weight and scale it does not change training;
-- **personal term falling**: with DDLoss on, a window's mean ``‖U_j − U_p‖²`` term has fallen below half of the
-  first window's. In the coupling lab that fall is the signature of the trigger phrase alone learning the whole
-  caption's scene, coupled concepts included (DESIGN.md, "What |Δ| rewards").
+- **personal term falling**: with DDLoss on in a form that minimises ``|Δ|`` (``paper``, ``anchored``), a window's
+  mean ``‖U_j − U_p‖²`` term has fallen below half of the first window's. In the coupling lab that fall is the
+  signature of the trigger phrase alone learning the whole caption's scene, coupled concepts included (DESIGN.md,
+  "What |Δ| rewards"). The other forms do not reward that move, so the fall says nothing about them.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ class TermsMonitor:
     """Feed :meth:`add` each optimizer step's logs; :meth:`close_window` at each window's end; ``trajectory`` holds
     one dict per window: its last step and the window means of every ``eq7_*`` and ``share_*`` value it saw."""
 
-    def __init__(self, dd_weight: float, dd_scale: str, warn=logger.warning):
+    #: the DDLoss forms whose |Δ| rewards pulling U(c_p) toward the joint caption (the falling warning's mechanism)
+    ABS_DELTA_FORMS = ("paper", "anchored")
+
+    def __init__(self, dd_weight: float, dd_scale: str, warn=logger.warning, dd_variant: str = "paper"):
         self.dd_weight, self.dd_scale, self.warn = dd_weight, dd_scale, warn
+        self.watch_fall = dd_weight > 0 and dd_variant in self.ABS_DELTA_FORMS
         self.trajectory: list[dict] = []
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
@@ -69,7 +74,7 @@ class TermsMonitor:
         self._sums, self._counts = {}, {}
         self.trajectory.append(point)
         personal = point.get("eq7_personal")
-        if personal is not None and self.dd_weight > 0:
+        if personal is not None and self.watch_fall:
             if self._first_personal is None:
                 self._first_personal = personal
             elif personal < FALL_RATIO * self._first_personal and "falling" not in self.warned:

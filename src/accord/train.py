@@ -313,7 +313,7 @@ def _setup(config: Config, resume: str | None, resume_anyway: bool) -> _Run:
                      if class_set is not None else None)
     trainer = Trainer(config, accelerator, backbone, method, optimizer, lr_scheduler, batches, class_batches, ema)
     # Eq. 7's terms and the gradient shares: window means in train_summary.json, and the inert/falling warnings.
-    monitor = TermsMonitor(config.accord.dd_weight, config.accord.dd_scale)
+    monitor = TermsMonitor(config.accord.dd_weight, config.accord.dd_scale, dd_variant=config.accord.dd_variant)
     monitor.load_state_dict(state.get("monitor"))
     return _Run(accelerator, out, trainer, monitor, config_dict, references, start_step)
 
