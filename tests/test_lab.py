@@ -218,7 +218,7 @@ def test_demo_end_to_end_shortened(tmp_path):
 
     weights = _shipped_or_skip()
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--seeds", "1", "--steps", "2", "--images", "1",
+    assert main(["demo", "--output", str(out), "--method", "lora", "--seeds", "1", "--steps", "2", "--images", "1",
                  "--sample-steps", "2", "--weights", str(weights), "--no-progress"]) == 0
     html = (out / "report.html").read_text()
     assert "leak rate" in html and "leak_rates.png" in html

@@ -21,11 +21,12 @@ DECOUPLER = "dd-conditional"  # the lab's regularizer name of the decoupler the 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--output", default="accord-demo", help="run folder (report.html, samples, results)")
-    parser.add_argument("--method", default="lora", choices=("lora", "dreambooth"), help="method fine-tuned")
+    parser.add_argument("--method", default="dreambooth", choices=("dreambooth", "lora"),
+                        help="method fine-tuned (DreamBooth: where the lab measured the decoupler's effect)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per setting (CIs are over seeds)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per run")
     parser.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
-    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per image")
+    parser.add_argument("--sample-steps", type=int, default=15, help="DDIM steps per image")
     parser.add_argument("--weights", help="lab weights folder (default: the shipped one)")
     parser.add_argument("--task", help=f"task YAML file, or a shipped task's name (default: {DEMO_TASK}; "
                         "docs/lab.md)")
