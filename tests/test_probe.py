@@ -163,7 +163,7 @@ def test_falling_personal_term_warns_once_with_dd_on_only():
     assert len(said) == 1
     for variant, warns in [("anchored", True), ("conditional", False), ("composition", False)]:
         heard = []
-        form = TermsMonitor(0.2, "reference", warn=lambda *a: heard.append(a), dd_variant=variant)
+        form = TermsMonitor(0.2, "reference", warn=lambda *a, heard=heard: heard.append(a), dd_variant=variant)
         for step, value in enumerate(series):
             form.add(step, {"eq7_personal": value})
             form.close_window(step + 1)
