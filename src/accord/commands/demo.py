@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .lab import add_jobs_argument, jobs, task_seeds
+
 __all__ = ["add_arguments", "run", "DEMO_TASK", "DECOUPLER"]
 
 DEMO_TASK = "object-object-generic"
@@ -30,8 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", help="lab weights folder (default: the shipped one)")
     parser.add_argument("--task", help=f"task YAML file, or a shipped task's name (default: {DEMO_TASK}; "
                         "docs/lab.md)")
-    parser.add_argument("--jobs", type=int, help="runs at a time, each in its own process with one thread (default: "
-                        "the usable CPU cores, at most 2)")
+    add_jobs_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -64,16 +65,14 @@ def run(args) -> int:
     from ..lab.report import format_table, summarize
     from ..lab.runner import DD_WEIGHT, METHODS, Setting
     from ..lab.task import load_task
-    from .lab import jobs
 
     task = load_task(args.task or DEMO_TASK)
-    if not 1 <= args.seeds <= len(task.seeds):
-        raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(task.seeds)} (the task's fixed seeds)")
+    seeds = task_seeds(task, args.seeds)
     if args.steps < 2:
         raise AccordError(f"--steps {args.steps}: give at least 2 training steps")
     settings = [Setting(method=args.method, regularizer=reg, seed=seed, steps=args.steps,
                         images_per_prompt=args.images, sample_steps=args.sample_steps, checkpoints=2, task=task)
-                for seed in task.seeds[:args.seeds] for reg in ("none", DECOUPLER)]
+                for seed in seeds for reg in ("none", DECOUPLER)]
     leak = task.leak.description or f"the task's coupled concept is detected ({task.leak.kind})"
     what = "LoRA (rank {})".format(METHODS["lora"]["method"]["lora_rank"]) if args.method == "lora" else "DreamBooth"
     intro = (f"{what}, {args.steps} steps, on the lab model, without and with DDLoss's conditional form "

@@ -47,8 +47,7 @@ def add_arguments(parser) -> None:
     b.add_argument("--sample-steps", type=int, default=25)
     b.add_argument("--weights", help="lab weights folder (default: the shipped one)")
     b.add_argument("--task", help="task YAML file, or a shipped task's name (default: object-object; docs/lab.md)")
-    b.add_argument("--jobs", type=int, help="runs at a time, each in its own process with one thread (default: the "
-                   "usable CPU cores, at most 2)")
+    add_jobs_argument(b)
     b.add_argument("--no-progress", action="store_true")
     q = sub.add_parser("quality", help="measure the quality bars: detector accuracy, mini-CLIP retrieval, "
                        "T2I compositional accuracy")
@@ -82,7 +81,7 @@ def _bench(args) -> int:
     from ..errors import AccordError
     from ..lab.experiment import run_experiment
     from ..lab.report import format_table, summarize
-    from ..lab.runner import METHODS, Setting, applies, regularizer_config, settings_for
+    from ..lab.runner import METHODS, applies, regularizer_config
     from ..lab.task import default_task, load_task
     from ..methods.base import method_names
 
@@ -106,12 +105,7 @@ def _bench(args) -> int:
     args.seeds = 3 if args.seeds is None else args.seeds
     args.steps = 150 if args.steps is None else args.steps
     args.images = 4 if args.images is None else args.images
-    if not 1 <= args.seeds <= len(task.seeds):
-        raise AccordError(f"--seeds {args.seeds}: choose 1 to {len(task.seeds)} (the task's fixed seeds)")
-    settings = [Setting(method=m, regularizer=r, seed=seed, steps=args.steps, images_per_prompt=args.images,
-                        sample_steps=args.sample_steps, task=task)
-                for seed in task.seeds[:args.seeds] for m in args.methods
-                for r in (args.regularizers or settings_for(m)) if applies(r, m)]
+    settings = _settings(args, task, args.seeds, steps=args.steps, images_per_prompt=args.images)
     intro = (f"{len(settings)} runs on task {task.name}: {', '.join(args.methods)}; {args.seeds} seed(s); "
              f"{args.steps} steps; "
              f"{args.images} images per prompt. 95% t-intervals over seeds.")
@@ -160,6 +154,31 @@ def v2_schedule(args) -> tuple[int, tuple[int, ...]]:
     return steps, eval_at
 
 
+def add_jobs_argument(parser) -> None:
+    """``--jobs``, for the bench and the demo."""
+    parser.add_argument("--jobs", type=int, help="runs at a time, each in its own process with one thread (default: "
+                        "the usable CPU cores, at most 2)")
+
+
+def task_seeds(task, n: int) -> tuple:
+    """The task's first ``n`` seeds; a count outside 1..len(task.seeds) is one line."""
+    from ..errors import AccordError
+
+    if not 1 <= n <= len(task.seeds):
+        raise AccordError(f"--seeds {n}: choose 1 to {len(task.seeds)} (the task's fixed seeds)")
+    return task.seeds[:n]
+
+
+def _settings(args, task, seeds: int, **fields) -> list:
+    """One bench setting per seed × method × regularizer that applies to it (``--regularizers`` or the method's
+    rows), in that order."""
+    from ..lab.runner import Setting, applies, settings_for
+
+    return [Setting(method=m, regularizer=r, seed=seed, sample_steps=args.sample_steps, task=task, **fields)
+            for seed in task_seeds(task, seeds) for m in args.methods
+            for r in (args.regularizers or settings_for(m)) if applies(r, m)]
+
+
 def jobs(args) -> int:
     """``--jobs``, or the default (:func:`accord.lab.experiment.default_jobs`); a bad value is one line."""
     from ..errors import AccordError
@@ -176,22 +195,16 @@ def jobs(args) -> int:
 def _bench_v2(args, task) -> int:
     from ..errors import AccordError
     from ..lab.protocol import QUICK, V2_SEEDS, quick_prompts, run_bench_v2
-    from ..lab.runner import Setting, applies, settings_for
-
     quick = QUICK if args.quick else {}
     steps, eval_at = v2_schedule(args)
     seeds = args.seeds or quick.get("seeds", V2_SEEDS)
     images = args.images or quick.get("images", 4)
-    if not 1 <= seeds <= len(task.seeds):
-        raise AccordError(f"--seeds {seeds}: choose 1 to {len(task.seeds)} (the task's fixed seeds)")
+    task_seeds(task, seeds)  # before the reference step: the order of the checks users saw
     if args.reference_step is not None and args.reference_step not in eval_at:
         raise AccordError(f"--reference-step {args.reference_step}: choose one of the --eval-at steps "
                           f"{','.join(map(str, eval_at))}")
     prompts = quick_prompts(task) if args.quick else None
-    settings = [Setting(method=m, regularizer=r, seed=seed, steps=steps, images_per_prompt=images,
-                        sample_steps=args.sample_steps, checkpoints=0, prompts=prompts, task=task)
-                for seed in task.seeds[:seeds] for m in args.methods
-                for r in (args.regularizers or settings_for(m)) if applies(r, m)]
+    settings = _settings(args, task, seeds, steps=steps, images_per_prompt=images, checkpoints=0, prompts=prompts)
     intro = (f"Protocol 2{' (quick subset)' if args.quick else ''}: {len(settings)} runs on task {task.name}: "
              f"{', '.join(args.methods)}; {seeds} seed(s); {steps} steps, evaluated at steps "
              f"{', '.join(map(str, eval_at))}; {len(settings[0].prompts)} prompts x {images} images per prompt. "

@@ -86,8 +86,10 @@ def map_runs(fn, settings: list, judge, *, jobs: int, desc: str, progress: bool,
 
 def _run_or_reuse(s: Setting, judge, root: Path, weights=None, progress: bool = False) -> dict:
     done = root / "runs" / s.name / "result.json"
-    if done.is_file() and json.loads(done.read_text())["setting"]["steps"] == s.steps:
-        return json.loads(done.read_text())
+    if done.is_file():
+        result = json.loads(done.read_text())
+        if result["setting"]["steps"] == s.steps:
+            return result
     return run_setting(s, root, judge, weights=weights, progress=progress)
 
 

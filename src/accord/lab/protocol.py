@@ -138,17 +138,14 @@ def run_bench_v2(settings: list, folder: Path, eval_at: tuple, *, title: str, in
     from .experiment import map_runs, open_bench
 
     task, judge, t0 = open_bench(settings, folder, weights, "runs-v2/*/eval-step-*.json", "protocol-v2 runs")
-    evals = [e for run in map_runs(_v2, settings, judge, jobs=jobs, desc="lab runs (protocol 2)", progress=progress,
-                                   weights=weights, root=folder, eval_at=eval_at) for e in run]
+    runs = map_runs(run_setting_v2, settings, judge, jobs=jobs, desc="lab runs (protocol 2)", progress=progress,
+                    weights=weights, root=folder, eval_at=eval_at)
+    evals = [e for run in runs for e in run]
     seconds = time.time() - t0
     (folder / "evals.json").write_text(json.dumps(evals))
     report = write_report_v2(folder, evals, title=title, intro=intro + f" Wall time: {seconds / 60:.1f} min.",
                              reference_step=reference_step, task=task)
     return evals, report, seconds
-
-
-def _v2(s, judge, root: Path, eval_at: tuple, weights=None, progress: bool = False) -> list[dict]:
-    return run_setting_v2(s, root, judge, eval_at, weights=weights, progress=progress)
 
 
 # ---------------------------------------------------------------------------- aggregation (pure)
