@@ -61,13 +61,15 @@ _PRIOR_METHODS = ("dreambooth", "custom_diffusion")  # the paper's baselines tha
 
 _WEIGHT_KEYS = {"dd": ("accord", "dd_weight"), "pd": ("accord", "pd_weight"),
                 "sude": ("regularizers", "sude_weight"), "classdiffusion": ("regularizers", "classdiffusion_weight")}
-# Investigation variants: (the regularizer they vary, extra overrides): DDLoss's forms (accord.dd_variant);
-# ``dd-sg`` is DDLoss with U(c_p) stop-gradient too (dd_variant=frozen_personal).
-_VARIANTS = {"dd-sg": ("dd", {"accord": {"dd_variant": "frozen_personal"}}),
-             "dd-anchored": ("dd", {"accord": {"dd_variant": "anchored"}}),
-             "dd-alignment": ("dd", {"accord": {"dd_variant": "alignment"}}),
-             "dd-composition": ("dd", {"accord": {"dd_variant": "composition"}}),
-             "dd-conditional": ("dd", {"accord": {"dd_variant": "conditional"}})}
+# DDLoss's forms by bench name (accord.dd_variant): ``dd`` is Eq. 8 as written whatever the default form, ``dd-sg``
+# is DDLoss with U(c_p) stop-gradient too (dd_variant=frozen_personal); each takes ``@WEIGHT``.
+_DD_FORMS = {"dd": "paper", "dd-sg": "frozen_personal", "dd-anchored": "anchored", "dd-alignment": "alignment",
+             "dd-composition": "composition", "dd-conditional": "conditional"}
+
+
+def _weighted(base: str) -> str:
+    """The weight a bench name sets: DDLoss's for each of its forms, else the name's own."""
+    return "dd" if base in _DD_FORMS else base
 
 
 def regularizer_config(name: str) -> dict:
@@ -77,14 +79,16 @@ def regularizer_config(name: str) -> dict:
     if name in REGULARIZERS:
         return REGULARIZERS[name]
     base, _, weight = name.partition("@")
-    regularizer, extra = _VARIANTS.get(base, (base, {"accord": {"dd_variant": "paper"}} if base == "dd" else {}))
+    regularizer = _weighted(base)
+    extra = {"accord": {"dd_variant": _DD_FORMS[base]}} if base in _DD_FORMS else {}
     try:
         value = float(weight)
     except ValueError:
         value = -1.0
     if regularizer not in _WEIGHT_KEYS or not value > 0:
         raise AccordError(f"regularizer {name!r}: choose from {', '.join(REGULARIZERS)}, or NAME@WEIGHT with NAME in "
-                          f"{', '.join([*_WEIGHT_KEYS, *_VARIANTS])} and a positive WEIGHT (e.g. dd@20)")
+                          f"{', '.join([*_WEIGHT_KEYS, *(n for n in _DD_FORMS if n != 'dd')])} and a positive WEIGHT "
+                          "(e.g. dd@20)")
     section, key = _WEIGHT_KEYS[regularizer]
     return _merge(extra, {section: {key: value}})
 
@@ -110,7 +114,7 @@ def settings_for(method: str) -> list[str]:
 def applies(regularizer: str, method: str) -> bool:
     """Whether a bench regularizer setting (a protocol name or an investigation ``NAME@WEIGHT``) fits ``method``."""
     base = regularizer.partition("@")[0]
-    return _VARIANTS.get(base, (base,))[0] in settings_for(method)
+    return _weighted(base) in settings_for(method)
 
 
 @dataclass
