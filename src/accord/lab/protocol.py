@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.best_step import Criterion
-from .report import _html, _markdown, ci95, per_seed
+from .report import _html, _markdown, ci95, figures, per_seed, write_page
 
 __all__ = ["V2_STEPS", "V2_SEEDS", "QUICK", "TOLERANCE", "TARGET", "BEST_STEP", "quick_prompts",
            "run_setting_v2", "run_bench_v2", "summarize_steps", "curves", "match_step", "best_step",
@@ -359,24 +359,17 @@ def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, 
     md = ["## Per step (mean ± 95% t-interval over seeds)", "", _markdown(_STEP_HEAD, [_step_cells(r) for r in rows]),
           "", "## Matched fidelity", "", method_text, "", _markdown(_CMP_HEAD, [_cmp_cells(r) for r in cmp]), ""]
     (folder / "summary.md").write_text("\n".join(md))
-    figures = [curve_plot(m, data, folder / f"curve-{m}.png") for m, data in curves(rows).items()]
+    curve_files = [curve_plot(m, data, folder / f"curve-{m}.png") for m, data in curves(rows).items()]
     grids = _grids(folder, evals)
     about = f"<p>Task <b>{html.escape(task.name)}</b>: {html.escape(task.description)}</p>" if task else ""
     parts = [f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{about}",
              "<h2>Leak vs fidelity over training</h2><p>"
-             + " ".join(f"<img src='{html.escape(p.name)}'>" for p in figures) + "</p>",
+             + " ".join(f"<img src='{html.escape(p.name)}'>" for p in curve_files) + "</p>",
              "<h2>Matched fidelity</h2>", f"<p>{html.escape(method_text)}</p>",
              _html(_CMP_HEAD, [_cmp_cells(r) for r in cmp]),
              "<h2>Per step</h2><p>Mean ± 95% t-interval over seeds.</p>",
              _html(_STEP_HEAD, [_step_cells(r) for r in rows])]
     if grids:
         parts.append("<h2>Samples at the last step</h2><p>Rows: the evaluation prompts, in order; columns: images "
-                     "(first seed).</p><div style='display:flex;gap:16px;flex-wrap:wrap'>" + "".join(
-                         f"<figure><img src='{html.escape(p.name)}'><figcaption>{html.escape(n)}</figcaption></figure>"
-                         for n, p in grids.items()) + "</div>")
-    style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;"
-             "padding:3px 6px}table{border-collapse:collapse}</style>")
-    out = folder / "report.html"
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}"
-                   "</head><body>" + "".join(parts) + "</body></html>")
-    return out
+                     "(first seed).</p>" + figures(grids))
+    return write_page(folder / "report.html", title, parts)

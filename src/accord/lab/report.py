@@ -247,12 +247,21 @@ def write_report(folder: Path, results: list[dict], *, title: str, intro: str, g
     parts.append("<h2>Samples</h2><p>Rows: the evaluation prompts (also listed below), in order; columns: images "
                  "(first seed); a red frame marks an image the detector counted as a leak.</p>")
     parts.append("<ol>" + "".join(f"<li>[{p.category}] {html.escape(p.text)}</li>" for p in task.prompts) + "</ol>")
-    parts.append("<div style='display:flex;gap:16px;flex-wrap:wrap'>" + "".join(
+    parts.append(figures(grids))
+    return write_page(folder / "report.html", title, parts)
+
+
+def figures(grids: dict[str, Path]) -> str:
+    """The sample grids side by side, each captioned with its name."""
+    return "<div style='display:flex;gap:16px;flex-wrap:wrap'>" + "".join(
         f"<figure><img src='{html.escape(p.name)}'><figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, p in grids.items()) + "</div>")
+        for name, p in grids.items()) + "</div>"
+
+
+def write_page(out: Path, title: str, parts: list[str]) -> Path:
+    """One report page: ``parts`` (HTML) under ``title``, in the lab reports' style."""
     style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
              "td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}</style>")
-    out = folder / "report.html"
     out.write_text("<!doctype html><html><head><meta charset='utf-8'>"
                    f"<title>{html.escape(title)}</title>{style}</head><body>"
                    + "".join(parts) + "</body></html>")
