@@ -230,6 +230,17 @@ def test_bench_v2_runs_settings_in_parallel_processes(tmp_path):
     assert main([*argv[:-1], "1"]) == 0  # everything on disk: nothing is run again, whatever --jobs says
 
 
+def test_workers_are_handed_the_regularized_runs_first():
+    """A regularized run costs more than its baseline; handed out last, it would leave the other worker idle."""
+    from accord.lab.experiment import longest_first
+    from accord.lab.runner import Setting
+
+    settings = [Setting(regularizer=r, seed=k) for k in (0, 1) for r in ("none", "dd-conditional")]
+    assert [settings[i].name for i in longest_first(settings)] == [
+        "lora-dd-conditional-s0", "lora-dd-conditional-s1", "lora-none-s0", "lora-none-s1"]
+    assert sorted(longest_first(settings)) == list(range(len(settings)))  # every run, once
+
+
 def test_a_folder_resumes_only_the_same_settings(tmp_path):
     from accord.errors import AccordError
     from accord.lab.runner import Setting

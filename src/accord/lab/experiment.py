@@ -61,7 +61,9 @@ def _in_worker(fn, s, kwargs):
 def map_runs(fn, settings: list, judge, *, jobs: int, desc: str, progress: bool, weights=None, **kwargs) -> list:
     """``fn(s, judge=..., **kwargs)`` for every setting, results in the settings' order. ``jobs > 1``: that many
     worker processes, one thread each, each with its own judge; runs are seeded, so a setting gives the same
-    numbers whichever worker trains it (up to float summation order across thread counts)."""
+    numbers whichever worker trains it (up to float summation order across thread counts). Regularized runs are
+    handed out first: they cost more (extra predictions per step), and a long run started last would leave the other
+    workers idle at the end."""
     if jobs <= 1 or len(settings) <= 1:
         return [fn(s, judge=judge, progress=progress, **kwargs) for s in runs_bar(settings, desc, progress)]
     import multiprocessing
@@ -72,8 +74,8 @@ def map_runs(fn, settings: list, judge, *, jobs: int, desc: str, progress: bool,
     results: list = [None] * len(settings)
     with ProcessPoolExecutor(min(jobs, len(settings)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_start_worker, initargs=(weights,)) as pool:
-        futures = {pool.submit(_in_worker, fn, s, {**kwargs, "weights": weights, "progress": False}): i
-                   for i, s in enumerate(settings)}
+        futures = {pool.submit(_in_worker, fn, settings[i], {**kwargs, "weights": weights, "progress": False}): i
+                   for i in longest_first(settings)}
         bar = tqdm(total=len(settings), desc=f"{desc} ({jobs} at a time)", disable=not progress)
         for future in as_completed(futures):
             i = futures[future]
@@ -82,6 +84,12 @@ def map_runs(fn, settings: list, judge, *, jobs: int, desc: str, progress: bool,
             bar.update()
         bar.close()
     return results
+
+
+def longest_first(settings: list) -> list[int]:
+    """The settings' indices in the order runs are handed to workers: regularized runs first, each group in its
+    given order."""
+    return sorted(range(len(settings)), key=lambda i: settings[i].regularizer == "none")
 
 
 def _run_or_reuse(s: Setting, judge, root: Path, weights=None, progress: bool = False) -> dict:
