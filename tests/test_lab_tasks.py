@@ -109,13 +109,29 @@ def _det(background="green", **objects) -> dict:
             "objects": {s: dict(zip(("color", "pattern", "place"), v.split())) for s, v in objects.items()}}
 
 
-def test_background_leak_counts_only_prompts_asking_another_background():
+def test_background_leak_counts_every_prompt_that_does_not_ask_for_it():
     t = T.load_task("subject-background")
-    on_purple = _det("purple", square="red checkered left")
-    assert t.score("sks square, green background", on_purple)["leak"] == 1.0
-    assert t.score("sks square, green background", _det("green", square="red checkered left"))["leak"] == 0.0
-    assert t.score("sks square, purple background", on_purple)["leak"] == 0.0  # asked for
-    assert not [p for p in t.prompts if p.text == "sks square, purple background"][0].leak_counted
+    on_purple = _det("purple", circle="red checkered left")
+    assert t.score("sks circle, green background", on_purple)["leak"] == 1.0  # another background asked
+    assert t.score("sks circle, white square", on_purple)["leak"] == 1.0  # no background asked
+    assert t.score("sks circle, white square", _det("gray", circle="red checkered left"))["leak"] == 0.0
+    assert t.score("sks circle, purple background", on_purple)["leak"] == 0.0  # asked for
+    assert not [p for p in t.prompts if p.text == "sks circle, purple background"][0].leak_counted
+    assert {p.text for p in t.prompts if p.leak_counted and "background" not in p.text} == {
+        "sks circle on the left", "sks circle, white square", "sks circle, blue diamond", "white sks circle",
+        "blue sks circle"}
+
+
+def test_background_leak_asked_otherwise_counts_only_prompts_asking_another_background(tmp_path):
+    data = yaml.safe_load((T.TASKS_DIR / "subject-background.yaml").read_text())
+    data["leak"]["when"] = "asked_otherwise"
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(data))
+    t = T.load_task(tmp_path / "t.yaml")
+    on_purple = _det("purple", circle="red checkered left")
+    assert t.score("sks circle, green background", on_purple)["leak"] == 1.0
+    assert t.score("sks circle, green background", _det("green", circle="red checkered left"))["leak"] == 0.0
+    assert t.score("sks circle, white square", on_purple)["leak"] == 0.0  # asks no background: not counted
+    assert not [p for p in t.prompts if p.text == "sks circle, white square"][0].leak_counted
 
 
 def test_place_leak_is_the_subject_on_the_left_when_the_right_is_asked():
