@@ -7,9 +7,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .report import format_table, format_terms, sample_grid, summarize, summarize_terms, write_report
+from .report import first_seed_grids, format_table, format_terms, summarize, summarize_terms, write_report
 from .runner import Setting, run_setting
 
 __all__ = ["run_experiment", "quiet", "open_bench", "runs_bar", "map_runs", "default_jobs"]
@@ -107,13 +105,7 @@ def run_experiment(settings: list[Setting], folder: Path, *, title: str, intro: 
     task, judge, t0 = open_bench(settings, folder, weights)
     results = map_runs(_run_or_reuse, settings, judge, jobs=jobs, desc="lab runs", progress=progress,
                        weights=weights, root=folder)
-    grids = {}
-    first_seed = min(s.seed for s in settings)
-    for r in results:
-        if r["setting"]["seed"] == first_seed:
-            images = np.load(folder / "runs" / r["name"] / "samples.npy")
-            key = f"{r['setting']['method']} + {r['setting']['regularizer']}"
-            grids[key] = sample_grid(r, images, folder / f"samples-{r['name']}.png")
+    grids = first_seed_grids(results, folder, "runs")
     seconds = time.time() - t0
     report = write_report(folder, results, title=title, intro=intro + f" Wall time: {seconds / 60:.1f} min.",
                           grids=grids, notes=notes(results) if callable(notes) else (notes or ""), task=task)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.best_step import Criterion
-from .report import _html, _markdown, ci95, figures, per_seed, write_page
+from .report import _html, _markdown, ci95, figures, first_seed_grids, format_value, per_seed, write_page
 
 __all__ = ["V2_STEPS", "V2_SEEDS", "QUICK", "TOLERANCE", "TARGET", "BEST_STEP", "quick_prompts",
            "run_setting_v2", "run_bench_v2", "summarize_steps", "curves", "match_step", "best_step",
@@ -269,10 +269,7 @@ def compare(rows: list[dict], reference_step: int | None = None, tolerance: floa
 
 
 def _pct(v) -> str:
-    if v is None:
-        return "—"
-    mean, half = v
-    return f"{100 * mean:.1f}%" if math.isnan(half) else f"{100 * mean:.1f} ± {100 * half:.1f}%"
+    return "—" if v is None else format_value("leak", *v)
 
 
 def _change(c: tuple) -> str:
@@ -325,22 +322,6 @@ def curve_plot(method: str, data: dict[str, list[tuple]], path: Path) -> Path:
     return path
 
 
-def _grids(folder: Path, evals: list[dict]) -> dict[str, Path]:
-    """Sample grids of each (method, regularizer)'s first seed at the last step, where its samples are on disk."""
-    from .report import sample_grid
-
-    if not evals:
-        return {}
-    first = min(r["setting"]["seed"] for r in evals)
-    grids = {}
-    for r in evals:
-        samples = folder / "runs-v2" / r["name"] / "samples.npy"
-        if r["setting"]["seed"] == first and r["step"] == r["setting"].get("steps") and samples.is_file():
-            key = f"{r['setting']['method']} + {r['setting']['regularizer']}"
-            grids[key] = sample_grid(r, np.load(samples), folder / f"samples-{r['name']}.png")
-    return grids
-
-
 def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, reference_step: int | None = None,
                     task=None) -> Path:
     """``summary.md`` and ``report.html`` of a protocol-v2 bench: the per-step table, the curves, the matched
@@ -360,7 +341,7 @@ def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, 
           "", "## Matched fidelity", "", method_text, "", _markdown(_CMP_HEAD, [_cmp_cells(r) for r in cmp]), ""]
     (folder / "summary.md").write_text("\n".join(md))
     curve_files = [curve_plot(m, data, folder / f"curve-{m}.png") for m, data in curves(rows).items()]
-    grids = _grids(folder, evals)
+    grids = first_seed_grids(evals, folder, "runs-v2", keep=lambda r: r["step"] == r["setting"].get("steps"))
     about = f"<p>Task <b>{html.escape(task.name)}</b>: {html.escape(task.description)}</p>" if task else ""
     parts = [f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{about}",
              "<h2>Leak vs fidelity over training</h2><p>"

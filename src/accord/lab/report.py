@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["METRICS", "TERMS", "per_seed", "summarize", "summarize_terms", "ci95", "format_table", "format_terms",
-           "write_report"]
+           "format_value", "first_seed_grids", "write_report"]
 
 METRICS = ("leak", "text", "fidelity", "clip_t", "clip_i")
 _LABEL = {"leak": "leak rate", "text": "text accuracy", "fidelity": "fidelity", "clip_t": "mini-CLIP-T",
@@ -59,7 +59,8 @@ def summarize(results: list[dict], category: str | None = None) -> list[dict]:
     return rows
 
 
-def _fmt(m: str, mean: float, half: float) -> str:
+def format_value(m: str, mean: float, half: float) -> str:
+    """``mean ± half`` of metric ``m``, the rates in percent; the mean alone where ``half`` is NaN (one seed)."""
     scale = 100 if m in ("leak", "text", "fidelity") else 1
     unit = "%" if scale == 100 else ""
     if math.isnan(half):
@@ -71,7 +72,7 @@ _HEAD = ["method", "regularizer", "seeds", *[_LABEL[m] for m in METRICS]]
 
 
 def _cells(r: dict) -> list[str]:
-    return [r["method"], r["regularizer"], str(r["seeds"]), *[_fmt(m, *r[m]) for m in METRICS]]
+    return [r["method"], r["regularizer"], str(r["seeds"]), *[format_value(m, *r[m]) for m in METRICS]]
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
@@ -214,6 +215,21 @@ def sample_grid(result: dict, images: np.ndarray, path: Path, scale: int = 4) ->
                 draw.rectangle((x, y, x + side - 1, y + side - 1), outline=(220, 0, 0), width=3)
     canvas.save(path)
     return path
+
+
+def first_seed_grids(records: list[dict], folder: Path, runs: str, keep=None) -> dict[str, Path]:
+    """Sample grids (``samples-<name>.png`` in ``folder``) of each (method, regularizer)'s first seed: the records
+    ``keep`` accepts (default all) whose ``<folder>/<runs>/<name>/samples.npy`` is on disk."""
+    if not records:
+        return {}
+    first = min(r["setting"]["seed"] for r in records)
+    grids = {}
+    for r in records:
+        samples = folder / runs / r["name"] / "samples.npy"
+        if r["setting"]["seed"] == first and (keep is None or keep(r)) and samples.is_file():
+            key = f"{r['setting']['method']} + {r['setting']['regularizer']}"
+            grids[key] = sample_grid(r, np.load(samples), folder / f"samples-{r['name']}.png")
+    return grids
 
 
 def write_report(folder: Path, results: list[dict], *, title: str, intro: str, grids: dict[str, Path],
