@@ -326,6 +326,26 @@ def test_bench_refuses_to_mix_tasks_in_one_folder(tmp_path, capsys):
     assert "holds runs of task 'object-object'" in err and "own --output folder" in err
 
 
+def test_bench_refuses_runs_of_an_earlier_version_of_the_task(tmp_path, capsys):
+    """style-content is version 2: its version-1 runs (no version in the record) were captioned otherwise."""
+    run = tmp_path / "runs-v2" / "lora-none-s0"
+    run.mkdir(parents=True)
+    (run / "eval-step-2.json").write_text(json.dumps({"setting": {"steps": 2, "task": "style-content"}}))
+    argv = ["lab", "bench", "--protocol", "2", "--task", "style-content", "--methods", "lora", "--regularizers",
+            "none", "--seeds", "1", "--eval-at", "1,2", "--output", str(tmp_path), "--no-progress"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "holds protocol-v2 runs of task 'style-content' version 1 (lora-none-s0); the task is now version 2" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_setting_records_its_task_version():
+    from accord.lab.runner import Setting
+
+    assert Setting(task=T.load_task("style-content")).record()["task_version"] == 2
+    assert Setting(task=T.load_task("object-object")).record()["task_version"] == 1
+
+
 @pytest.mark.slow
 def test_bench_runs_a_shipped_task_end_to_end(tmp_path):
     """About a minute on 2 CPU cores: the shortest `accord lab bench --task` run."""

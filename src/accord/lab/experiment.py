@@ -125,7 +125,7 @@ def open_bench(settings: list, folder: Path, weights, pattern: str = "runs/*/res
 
     quiet()
     task = settings[0].task
-    _check_folder(folder, task.name, pattern, what)
+    _check_folder(folder, task.name, pattern, what, task.protocol_version)
     return task, Judge(weights), time.time()
 
 
@@ -139,13 +139,21 @@ def runs_bar(settings: list, desc: str, progress: bool):
         yield s
 
 
-def _check_folder(folder: Path, name: str, pattern: str = "runs/*/result.json", what: str = "runs") -> None:
-    """A run folder holds one task's runs (finished runs are reused): refuse to mix in another task's."""
+def _check_folder(folder: Path, name: str, pattern: str = "runs/*/result.json", what: str = "runs",
+                  version: int = 1) -> None:
+    """A run folder holds one task's runs, of one protocol version of it (finished runs are reused): refuse to mix
+    in another task's, or runs made before the task's captions, prompts or leak rule changed (records without a
+    version are version 1)."""
     from ..errors import AccordError
     from .task import DEFAULT_TASK
 
     for done in sorted(folder.glob(pattern)):
-        other = json.loads(done.read_text())["setting"].get("task", DEFAULT_TASK)
+        setting = json.loads(done.read_text())["setting"]
+        other = setting.get("task", DEFAULT_TASK)
         if other != name:
             raise AccordError(f"{folder} holds {what} of task {other!r} ({done.parent.name}); give task {name!r} "
                               "its own --output folder")
+        if setting.get("task_version", 1) != version:
+            raise AccordError(f"{folder} holds {what} of task {name!r} version {setting.get('task_version', 1)} "
+                              f"({done.parent.name}); the task is now version {version}: give it its own --output "
+                              "folder")

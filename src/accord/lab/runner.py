@@ -145,9 +145,10 @@ class Setting:
 
     def record(self) -> dict:
         """The setting as result and evaluation files keep it (what a resumed bench compares): every field, the
-        prompts as their number and the task as its name."""
+        prompts as their number and the task as its name and protocol version."""
         kept = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "task")}
-        return {**kept, "prompts": len(self.prompts), "task": self.task.name}
+        return {**kept, "prompts": len(self.prompts), "task": self.task.name,
+                "task_version": self.task.protocol_version}
 
 
 def _merge(a: dict, b: dict) -> dict:
