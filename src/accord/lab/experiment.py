@@ -153,7 +153,8 @@ def _check_folder(folder: Path, name: str, pattern: str = "runs/*/result.json", 
         if other != name:
             raise AccordError(f"{folder} holds {what} of task {other!r} ({done.parent.name}); give task {name!r} "
                               "its own --output folder")
-        if setting.get("task_version", 1) != version:
-            raise AccordError(f"{folder} holds {what} of task {name!r} version {setting.get('task_version', 1)} "
+        seen = setting.get("task_version", 1)
+        if seen != version:
+            raise AccordError(f"{folder} holds {what} of task {name!r} version {seen} "
                               f"({done.parent.name}); the task is now version {version}: give it its own --output "
                               "folder")
