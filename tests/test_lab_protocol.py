@@ -130,7 +130,8 @@ def test_quick_prompts_keep_one_counted_prompt_per_category_and_a_control():
     (["--eval-at", "a,b"], "--eval-at 'a,b': give positive step numbers"),
     (["--eval-at", "100,700", "--steps", "600"], "steps beyond --steps 600"),
     (["--reference-step", "7"], "--reference-step 7: choose one of the --eval-at steps"),
-    (["--steps", "150"], "--steps 150: without --eval-at protocol 2 evaluates the quarters of --steps"),
+    (["--steps", "151"], "--steps 151: without --eval-at protocol 2 evaluates the half and end of --steps"),
+    (["--quick", "--steps", "150"], "--steps 150: without --eval-at protocol 2 evaluates the quarters of --steps"),
 ])
 def test_bench_v2_refuses_bad_steps_in_one_line(capsys, argv, message):
     from accord.cli import main
@@ -260,8 +261,8 @@ def test_a_folder_resumes_only_the_same_settings(tmp_path):
 
 
 @pytest.mark.parametrize("argv, schedule", [
-    ([], (600, (150, 300, 450, 600))),
-    (["--steps", "200"], (200, (50, 100, 150, 200))),
+    ([], (600, (300, 600))),
+    (["--steps", "200"], (200, (100, 200))),
     (["--quick"], (100, (50, 100))),
     (["--quick", "--steps", "8"], (8, (2, 4, 6, 8))),  # the horizon trained is the one evaluated last
     (["--eval-at", "3,9"], (9, (3, 9))),
@@ -272,3 +273,31 @@ def test_v2_schedule_evaluates_the_trained_horizon(argv, schedule):
 
     args = build_parser().parse_args(["lab", "bench", "--protocol", "2", *argv])
     assert v2_schedule(args) == schedule
+
+
+def test_the_default_v2_bench_is_the_decoupling_comparison(tmp_path, monkeypatch):
+    """Without --methods/--regularizers/--images, protocol 2 benches LoRA and DreamBooth, each with none, Eq. 8 and
+    the conditional form, 5 seeds, 2 images, at 300 and 600: the scope that fits 90 min on 2 cores."""
+    from accord.cli import main
+    from accord.lab import protocol
+
+    seen = {}
+
+    def fake_bench(settings, folder, eval_at, **kw):
+        seen.update(settings=settings, eval_at=eval_at)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.md").write_text("summary")
+        return [], folder / "report.html", 1.0
+
+    monkeypatch.setattr(protocol, "run_bench_v2", fake_bench)
+    assert main(["lab", "bench", "--protocol", "2", "--output", str(tmp_path / "b")]) == 0
+    names = [s.name for s in seen["settings"]]
+    assert len(names) == 30 and seen["eval_at"] == (300, 600)
+    assert {n.rsplit("-s", 1)[0] for n in names} == {f"{m}-{r}" for m in ("lora", "dreambooth")
+                                                     for r in ("none", "dd", "dd-conditional")}
+    assert {s.seed for s in seen["settings"]} == {0, 1, 2, 3, 4}
+    assert {s.images_per_prompt for s in seen["settings"]} == {2} and {s.steps for s in seen["settings"]} == {600}
+    assert main(["lab", "bench", "--protocol", "2", "--methods", "textual_inversion", "--regularizers", "pd",
+                 "--seeds", "2", "--images", "3", "--output", str(tmp_path / "c")]) == 0  # explicit options win
+    assert [s.name for s in seen["settings"]] == ["textual_inversion-pd-s0", "textual_inversion-pd-s1"]
+    assert {s.images_per_prompt for s in seen["settings"]} == {3}

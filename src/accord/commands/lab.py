@@ -25,21 +25,23 @@ def add_arguments(parser) -> None:
     b.add_argument("--output", help="run folder (report.html, summary.md, runs/; default: accord-lab-bench, "
                    "protocol 2: accord-lab-bench-v2)")
     b.add_argument("--methods", nargs="+", help="methods to bench (default: every method with a lab recipe, all but "
-                   "the image-encoder ones)")
+                   "the image-encoder ones; protocol 2: lora dreambooth)")
     b.add_argument("--regularizers", nargs="+",
                    help="subset of none dd dd-conditional pd dd+pd prior sude classdiffusion (default: all that "
-                   "apply to each method; dd is Eq. 8 as written, dd-conditional DDLoss's conditional form); "
+                   "apply to each method; protocol 2: none dd dd-conditional; dd is Eq. 8 as written, "
+                   "dd-conditional DDLoss's conditional form); "
                    "NAME@WEIGHT (e.g. dd@20) adds an investigation run at another weight; dd-sg, dd-anchored, "
                    "dd-alignment, dd-composition, dd-conditional@WEIGHT are DDLoss's other forms "
                    "(accord.dd_variant; docs/regularizers.md)")
     b.add_argument("--seeds", type=int, help="training seeds per setting (default: 3; protocol 2: 5)")
     b.add_argument("--steps", type=int, help="training steps per run (default: 150; protocol 2: 600, or the last "
                    "--eval-at step)")
-    b.add_argument("--images", type=int, help="images per evaluation prompt (default: 4)")
+    b.add_argument("--images", type=int, help="images per evaluation prompt (default: 4; protocol 2: 2)")
     b.add_argument("--protocol", type=int, choices=(1, 2), default=1,
                    help="1: evaluate each run's final weights (the published numbers); 2: train to the longer "
                    "horizon, evaluate every --eval-at checkpoint, compare at matched fidelity (docs/lab.md)")
-    b.add_argument("--eval-at", help="protocol 2: comma-separated steps to evaluate (default: 150,300,450,600)")
+    b.add_argument("--eval-at", help="protocol 2: comma-separated steps to evaluate (default: the half and the end "
+                   "of --steps, 300,600)")
     b.add_argument("--reference-step", type=int, help="protocol 2: the baseline's step that matched fidelity "
                    "compares at (default: the last --eval-at step)")
     b.add_argument("--quick", action="store_true", help="protocol 2's quick subset: 2 seeds, 100 steps evaluated at "
@@ -85,6 +87,11 @@ def _bench(args) -> int:
     from ..lab.task import default_task, load_task
     from ..methods.base import method_names
 
+    if args.protocol == 2:
+        from ..lab.protocol import V2_METHODS, V2_REGULARIZERS
+
+        args.methods = args.methods or list(V2_METHODS)
+        args.regularizers = args.regularizers or list(V2_REGULARIZERS)
     args.methods = args.methods or list(METHODS)
     for m in args.methods:
         if m not in METHODS:
@@ -132,8 +139,9 @@ def _eval_steps(text: str) -> tuple[int, ...]:
 def v2_schedule(args) -> tuple[int, tuple[int, ...]]:
     """Protocol 2's horizon and evaluation steps from ``--steps``, ``--eval-at`` and ``--quick``: the given steps;
     else quick's own (100 steps, evaluated at 50 and 100) when ``--quick`` names no ``--steps``; else the quarters of
-    ``--steps`` (default 600), which must then be a multiple of 4 (checkpoints are written every gcd of the
-    evaluation steps: quarters of 150 would checkpoint every step)."""
+    ``--steps`` with ``--quick``, else its half and end (default 300 and 600), so ``--steps`` must then be a
+    multiple of 4 or 2 (checkpoints are written every gcd of the evaluation steps: quarters of 150 would checkpoint
+    every step)."""
     from ..errors import AccordError
     from ..lab.protocol import QUICK, V2_STEPS
 
@@ -144,10 +152,12 @@ def v2_schedule(args) -> tuple[int, tuple[int, ...]]:
         steps, eval_at = QUICK["steps"], QUICK["eval_at"]
     else:
         steps = args.steps or V2_STEPS
-        if steps % 4:
-            raise AccordError(f"--steps {steps}: without --eval-at protocol 2 evaluates the quarters of --steps; give "
-                              "a multiple of 4 or the steps to evaluate with --eval-at")
-        eval_at = tuple(steps * k // 4 for k in (1, 2, 3, 4))
+        parts = 4 if args.quick else 2
+        if steps % parts:
+            what = "quarters" if args.quick else "half and end"
+            raise AccordError(f"--steps {steps}: without --eval-at protocol 2 evaluates the {what} of --steps; give "
+                              f"a multiple of {parts} or the steps to evaluate with --eval-at")
+        eval_at = tuple(steps * k // parts for k in range(1, parts + 1))
     if eval_at[-1] > steps:
         raise AccordError(f"--eval-at {','.join(map(str, eval_at))}: steps beyond --steps {steps}; raise --steps or "
                           "drop them")
@@ -194,11 +204,11 @@ def jobs(args) -> int:
 
 def _bench_v2(args, task) -> int:
     from ..errors import AccordError
-    from ..lab.protocol import QUICK, V2_SEEDS, quick_prompts, run_bench_v2
+    from ..lab.protocol import QUICK, V2_IMAGES, V2_SEEDS, quick_prompts, run_bench_v2
     quick = QUICK if args.quick else {}
     steps, eval_at = v2_schedule(args)
     seeds = args.seeds or quick.get("seeds", V2_SEEDS)
-    images = args.images or quick.get("images", 4)
+    images = args.images or quick.get("images", V2_IMAGES)
     task_seeds(task, seeds)  # before the reference step: the order of the checks users saw
     if args.reference_step is not None and args.reference_step not in eval_at:
         raise AccordError(f"--reference-step {args.reference_step}: choose one of the --eval-at steps "

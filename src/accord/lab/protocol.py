@@ -24,16 +24,26 @@ import numpy as np
 from ..eval.best_step import Criterion
 from .report import _html, _markdown, ci95, figures, first_seed_grids, format_value, per_seed, write_page
 
-__all__ = ["V2_STEPS", "V2_SEEDS", "QUICK", "TOLERANCE", "TARGET", "BEST_STEP", "quick_prompts",
+__all__ = ["V2_STEPS", "V2_SEEDS", "V2_METHODS", "V2_REGULARIZERS", "V2_IMAGES", "QUICK", "TOLERANCE", "TARGET",
+           "BEST_STEP", "quick_prompts",
            "run_setting_v2", "run_bench_v2", "summarize_steps", "curves", "match_step", "best_step",
            "relative_change", "compare", "write_report_v2"]
 
 # The paper trains LoRA, DreamBooth, Textual Inversion and Custom Diffusion the same 1,000 steps (Break-A-Scene
 # 400 + 400); the lab's protocol 1 stops at 150. v2 trains every method 4x longer, to 600, one horizon for all as
-# the paper does (Break-A-Scene keeps its half/half phases), and evaluates every 150 steps: step 150 is
-# protocol 1's horizon (a constant learning rate, the same seed and batch order), step 600 the regimen's end.
+# the paper does (Break-A-Scene keeps its half/half phases), and evaluates its checkpoints (by default at 300 and
+# 600; a checkpoint at 150 is trained as protocol 1's horizon: a constant learning rate, the same seed and batch
+# order).
 V2_STEPS = 600
 V2_SEEDS = 5
+# The default bench is the decoupling comparison RESULTS.md reports, sized to run in 90 min on 2 cores: the two
+# methods the target names, each with no regularizer, Eq. 8 as written and the conditional form, 5 seeds, 2 images
+# per prompt, evaluated at the half and the end of the horizon (30 runs; measured per run on 2 cores: DreamBooth
+# 3.5 / 4.8 / 5.5 min, LoRA 2.9 / 4.1 / 5.4 min, so about 67 min with two at a time). The other methods and
+# regularizers are named with --methods / --regularizers.
+V2_METHODS = ("lora", "dreambooth")
+V2_REGULARIZERS = ("none", "dd", "dd-conditional")
+V2_IMAGES = 2
 QUICK = {"seeds": 2, "steps": 100, "eval_at": (50, 100), "images": 2}
 TOLERANCE = 0.05  # equal fidelity: within 5 points
 TARGET = -0.5  # the decoupling target: at least a 50% relative leak reduction
