@@ -301,3 +301,25 @@ def test_the_default_v2_bench_is_the_decoupling_comparison(tmp_path, monkeypatch
                  "--seeds", "2", "--images", "3", "--output", str(tmp_path / "c")]) == 0  # explicit options win
     assert [s.name for s in seen["settings"]] == ["textual_inversion-pd-s0", "textual_inversion-pd-s1"]
     assert {s.images_per_prompt for s in seen["settings"]} == {3}
+
+
+def test_doses_gather_each_family_at_its_last_step_by_weight(tmp_path):
+    """dd, dd@0.03 and dd@1 are one family at 0.2, 0.03 and 1; a family at one weight only draws no dose curve."""
+    from accord.lab.runner import dose
+
+    assert dose("dd@0.03") == ("dd", 0.03) and dose("dd") == ("dd", 0.2) and dose("pd") == ("pd", 0.002)
+    assert dose("dd-conditional") == ("dd-conditional", 0.2) and dose("dd-anchored@0.5") == ("dd-anchored", 0.5)
+    assert dose("none") is None and dose("prior") is None and dose("dd+pd") is None and dose("bogus") is None
+    evals = [_eval("db", reg, seed, step, leak)
+             for seed in (0, 1) for reg, leak in (("none", 0.6), ("dd@0.03", 0.5), ("dd", 0.4), ("dd@1", 0.2),
+                                                  ("dd-conditional", 0.1))
+             for step in (1, 2)]
+    evals += [_eval("db", "dd@1", seed, 1, 0.9) for seed in (0, 1)]  # an earlier step: not the dose's point
+    d = P.doses(P.summarize_steps(evals))
+    assert list(d) == ["db"] and list(d["db"]["families"]) == ["dd"]  # conditional ran at one weight only
+    assert [(w, round(m, 6)) for w, m, *_ in d["db"]["families"]["dd"]] == [(0.03, 0.5), (0.2, 0.4), (1.0, 0.2)]
+    assert d["db"]["none"][0] == pytest.approx(0.6) and d["db"]["none"][2] == pytest.approx(0.5)
+    P.write_report_v2(tmp_path, evals, title="t", intro="i")
+    assert "<img src='dose-db.png'>" in (tmp_path / "report.html").read_text()
+    assert (tmp_path / "dose-db.png").stat().st_size > 1000
+    assert P.doses(P.summarize_steps([e for e in evals if e["setting"]["regularizer"] in ("none", "dd")])) == {}

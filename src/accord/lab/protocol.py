@@ -26,7 +26,7 @@ from .report import _html, _markdown, ci95, figures, first_seed_grids, format_va
 
 __all__ = ["V2_STEPS", "V2_SEEDS", "V2_METHODS", "V2_REGULARIZERS", "V2_IMAGES", "QUICK", "TOLERANCE", "TARGET",
            "BEST_STEP", "quick_prompts",
-           "run_setting_v2", "run_bench_v2", "summarize_steps", "curves", "match_step", "best_step",
+           "run_setting_v2", "run_bench_v2", "summarize_steps", "curves", "doses", "match_step", "best_step",
            "relative_change", "compare", "write_report_v2"]
 
 # The paper trains LoRA, DreamBooth, Textual Inversion and Custom Diffusion the same 1,000 steps (Break-A-Scene
@@ -202,6 +202,34 @@ def curves(rows: list[dict]) -> dict[str, dict[str, list[tuple]]]:
     return {m: {reg: sorted(pts) for reg, pts in regs.items()} for m, regs in out.items()}
 
 
+def doses(rows: list[dict]) -> dict[str, dict]:
+    """Dose–response data at each run's last step, from :func:`summarize_steps`'s rows: method → {"none": the
+    baseline's (leak, its half-width, fidelity, its half-width) or None, "families": {family: [(weight, leak, lh,
+    fidelity, fh)] by weight}}, keeping the families (``dd``, ``dd-conditional``, ``pd``, ...) run at two or more
+    weights (``dd`` and ``dd@0.2`` are one weight)."""
+    from .runner import dose
+
+    last: dict[tuple, dict] = {}
+    for r in rows:
+        if r["step"] >= last.get((r["method"], r["regularizer"]), {"step": -1})["step"]:
+            last[(r["method"], r["regularizer"])] = r
+    out: dict[str, dict] = {}
+    for (method, reg), r in last.items():
+        entry = out.setdefault(method, {"none": None, "families": defaultdict(dict)})
+        point = (*r["leak"], *r["fidelity"])
+        if reg == "none":
+            entry["none"] = point
+        elif (fw := dose(reg)) is not None:
+            entry["families"][fw[0]].setdefault(fw[1], point)
+    for method, entry in list(out.items()):
+        fams = {f: sorted((w, *pt) for w, pt in ws.items()) for f, ws in entry["families"].items() if len(ws) > 1}
+        if fams:
+            entry["families"] = fams
+        else:
+            del out[method]
+    return out
+
+
 def match_step(rows: list[dict], target: float, tolerance: float = TOLERANCE) -> dict | None:
     """The row (one regularizer's steps) whose mean fidelity is closest to ``target``, if within ``tolerance``
     (fidelity is a share: 0.05 = 5 points); the earlier step on a tie; None when no step is within."""
@@ -332,6 +360,36 @@ def curve_plot(method: str, data: dict[str, list[tuple]], path: Path) -> Path:
     return path
 
 
+def dose_plot(method: str, data: dict, path: Path) -> Path:
+    """One method's dose–response at the last step: leak and fidelity against each family's weight (log axis),
+    95% error bars, the baseline (``none``) as a dashed line with its interval shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    for k, (ax, label) in enumerate(zip(axes, ("leak rate (%)", "fidelity (%)"))):
+        if data["none"] is not None:
+            mean, half = (100 * np.nan_to_num(np.array(data["none"][2 * k: 2 * k + 2], float)))
+            ax.axhline(mean, color="k", ls="--", lw=1, label="none")
+            ax.axhspan(mean - half, mean + half, color="k", alpha=0.08)
+        for family, pts in data["families"].items():
+            cols = [np.array(c, float) for c in zip(*pts)]  # weight, leak, its half-width, fidelity, its half-width
+            w, m, h = cols[0], cols[1 + 2 * k], cols[2 + 2 * k]
+            ax.errorbar(w, 100 * m, yerr=100 * np.nan_to_num(h), marker="o", capsize=3, label=family)
+        ax.set_xscale("log")
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("weight")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{method}: dose–response at the last step (95% CI)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, reference_step: int | None = None,
                     task=None) -> Path:
     """``summary.md`` and ``report.html`` of a protocol-v2 bench: the per-step table, the curves, the matched
@@ -351,10 +409,11 @@ def write_report_v2(folder: Path, evals: list[dict], *, title: str, intro: str, 
           "", "## Matched fidelity", "", method_text, "", _markdown(_CMP_HEAD, [_cmp_cells(r) for r in cmp]), ""]
     (folder / "summary.md").write_text("\n".join(md))
     curve_files = [curve_plot(m, data, folder / f"curve-{m}.png") for m, data in curves(rows).items()]
+    curve_files += [dose_plot(m, data, folder / f"dose-{m}.png") for m, data in doses(rows).items()]
     grids = first_seed_grids(evals, folder, "runs-v2", keep=lambda r: r["step"] == r["setting"].get("steps"))
     about = f"<p>Task <b>{html.escape(task.name)}</b>: {html.escape(task.description)}</p>" if task else ""
     parts = [f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{about}",
-             "<h2>Leak vs fidelity over training</h2><p>"
+             "<h2>Leak vs fidelity over training (and dose–response, where a loss ran at several weights)</h2><p>"
              + " ".join(f"<img src='{html.escape(p.name)}'>" for p in curve_files) + "</p>",
              "<h2>Matched fidelity</h2>", f"<p>{html.escape(method_text)}</p>",
              _html(_CMP_HEAD, [_cmp_cells(r) for r in cmp]),

@@ -97,6 +97,22 @@ def regularizer_config(name: str) -> dict:
     return _merge(extra, {section: {key: value}})
 
 
+def dose(name: str) -> tuple[str, float] | None:
+    """A weighted regularizer setting's family and weight, read from its config: ``dd@0.03`` → ("dd", 0.03), ``dd``
+    → ("dd", 0.2), ``dd-conditional`` → ("dd-conditional", 0.2), ``pd`` → ("pd", 0.002); None for a setting with no
+    single weight (``none``, ``prior``, ``dd+pd``) or an unknown name."""
+    base = name.partition("@")[0]
+    if base not in _WEIGHT_KEYS and base not in _DD_FORMS:
+        return None
+    try:
+        config = regularizer_config(name)
+    except AccordError:
+        return None
+    section, key = _WEIGHT_KEYS[_weighted(base)]
+    value = config.get(section, {}).get(key)
+    return (base, float(value)) if value is not None else None
+
+
 def settings_for(method: str) -> list[str]:
     """The regularizer settings that apply to ``method``."""
     from ..methods.base import get_method
