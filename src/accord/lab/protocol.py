@@ -39,8 +39,8 @@ V2_SEEDS = 5
 # The default bench is the decoupling comparison RESULTS.md reports, sized to run in 90 min on 2 cores: the two
 # methods the target names, each with no regularizer, Eq. 8 as written and the conditional form, 5 seeds, 2 images
 # per prompt, evaluated at the half and the end of the horizon (30 runs; measured per run on 2 cores: DreamBooth
-# 3.5 / 4.8 / 5.5 min, LoRA 2.9 / 4.1 / 5.4 min, so about 67 min with two at a time). The other methods and
-# regularizers are named with --methods / --regularizers.
+# 3.5 / 4.8 / 5.5 min, LoRA 3.2-4.4 / 4.9 / 5.7 min, so about 70 min with two at a time; docs/lab.md). The other
+# methods and regularizers are named with --methods / --regularizers.
 V2_METHODS = ("lora", "dreambooth")
 V2_REGULARIZERS = ("none", "dd", "dd-conditional")
 V2_IMAGES = 2
