@@ -209,10 +209,7 @@ def doses(rows: list[dict]) -> dict[str, dict]:
     weights (``dd`` and ``dd@0.2`` are one weight)."""
     from .runner import dose
 
-    last: dict[tuple, dict] = {}
-    for r in rows:
-        if r["step"] >= last.get((r["method"], r["regularizer"]), {"step": -1})["step"]:
-            last[(r["method"], r["regularizer"])] = r
+    last = {(r["method"], r["regularizer"]): r for r in rows}  # rows come by step: the last one stays
     out: dict[str, dict] = {}
     for (method, reg), r in last.items():
         entry = out.setdefault(method, {"none": None, "families": defaultdict(dict)})

@@ -102,7 +102,7 @@ def dose(name: str) -> tuple[str, float] | None:
     → ("dd", 0.2), ``dd-conditional`` → ("dd-conditional", 0.2), ``pd`` → ("pd", 0.002); None for a setting with no
     single weight (``none``, ``prior``, ``dd+pd``) or an unknown name."""
     base = name.partition("@")[0]
-    if base not in _WEIGHT_KEYS and base not in _DD_FORMS:
+    if _weighted(base) not in _WEIGHT_KEYS:
         return None
     try:
         config = regularizer_config(name)
