@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import AccordError
+from .figure import saved_figure
 
 __all__ = ["probe", "probe_batch", "format_table", "reading", "write", "BANDS", "TERMS"]
 
@@ -168,26 +169,18 @@ def write(result: dict, out: Path) -> list[Path]:
     return [out / "probe.json", out / "probe.html"]
 
 
-def _figure(draw) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(9, 3.6), dpi=110)
-    draw(fig)
-    fig.tight_layout()
+def _figure(draw, ncols: int = 1) -> str:
+    """``draw(axes)`` on a 9 × 3.6 in figure of ``ncols`` panels, as a base64 PNG to inline in the HTML."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
+    with saved_figure(buffer, figsize=(9, 3.6), ncols=ncols) as (_, axes):
+        draw(axes)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _html(result: dict) -> str:
     captions = [c for c in result["captions"] if any("eq7_shift" in p for p in c["points"])]
 
-    def bars(fig):
-        ax = fig.add_subplot(1, 1, 1)
+    def bars(ax):
         names = TERMS[:4]
         width = 0.8 / len(names)
         for j, name in enumerate(names):
@@ -199,8 +192,8 @@ def _html(result: dict) -> str:
         ax.axhline(0, color="k", lw=0.5)
         ax.legend(fontsize=7)
 
-    def over_t(fig):
-        ax = fig.add_subplot(1, 2, 1)
+    def over_t(axes):
+        ax, ax2 = axes
         ts = [p["t1000"] for p in captions[0]["points"]]
         smallest = []
         for name in ("eq7_shift", "eq7_additivity", "eq7_alignment", "eq7_personal"):
@@ -211,7 +204,6 @@ def _html(result: dict) -> str:
         ax.set_ylabel("nats / element")
         ax.set_yscale("symlog", linthresh=min(smallest, default=1e-6))  # signed terms over decades
         ax.legend(fontsize=7)
-        ax2 = fig.add_subplot(1, 2, 2)
         for name in sorted({k for c in captions for p in c["points"] for k in p if k.startswith("share_")}):
             ys = [sum(c["points"][k].get(name, 0.0) for c in captions) / len(captions) for k in range(len(ts))]
             ax2.plot(ts, [100 * y for y in ys], marker="o", label=name)
@@ -221,7 +213,7 @@ def _html(result: dict) -> str:
         ax2.set_yscale("log")
         ax2.legend(fontsize=7)
 
-    figures = [_figure(bars), _figure(over_t)] if captions else []
+    figures = [_figure(bars), _figure(over_t, ncols=2)] if captions else []
     cols = _columns(result)
     table = ["<tr><th>caption</th><th>band</th>" + "".join(f"<th>{html.escape(_SHORT.get(c, c))}</th>" for c in cols)
              + "</tr>"]

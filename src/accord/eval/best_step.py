@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..figure import saved_figure
 from .metrics import METRICS
 
 __all__ = ["Criterion", "find_checkpoints", "trained_checkpoints", "parse_criterion", "select_best_step"]
@@ -79,22 +80,14 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def _plot(curve: Sequence[dict], names: Sequence[str], criterion: Criterion, best: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [*names, "criterion"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
-    steps = [c["step"] for c in curve]
-    for ax, name in zip(axes[0], panels):
-        ax.plot(steps, [c[name] for c in curve], marker="o")
-        ax.axvline(best, color="tab:red", linestyle="--", linewidth=1)
-        ax.set_title(criterion.text if name == "criterion" else name, fontsize=9)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with saved_figure(path, figsize=(3.2 * len(panels), 3), ncols=len(panels), dpi=100, squeeze=False) as (fig, axes):
+        steps = [c["step"] for c in curve]
+        for ax, name in zip(axes[0], panels):
+            ax.plot(steps, [c[name] for c in curve], marker="o")
+            ax.axvline(best, color="tab:red", linestyle="--", linewidth=1)
+            ax.set_title(criterion.text if name == "criterion" else name, fontsize=9)
+            ax.set_xlabel("step")
 
 
 def select_best_step(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..figure import saved_figure
 from .harness import write_csv
 from .metrics import METRICS
 
@@ -42,22 +43,15 @@ def image_grid(rows: Sequence[dict], images_dir: Path, cell: int = 128) -> Image
 
 def plot_by_category(summary: Sequence[dict], metric_names: Sequence[str], path: Path) -> Path:
     """Bar charts, one panel per metric, of the per-category means."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cats = [e for e in summary if e["group"] == "category"]
-    fig, axes = plt.subplots(1, len(metric_names), figsize=(3.2 * len(metric_names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], metric_names):
-        ax.bar(range(len(cats)), [e[name] for e in cats], color="tab:blue")
-        ax.set_xticks(range(len(cats)), [e["name"].replace("_", "\n") for e in cats], fontsize=7)
-        arrow = "↑" if METRICS[name].higher_is_better else "↓"
-        ax.set_title(f"{name} {arrow}")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with saved_figure(path, figsize=(3.2 * len(metric_names), 3.2), ncols=len(metric_names), dpi=100,
+                      squeeze=False) as (fig, axes):
+        for ax, name in zip(axes[0], metric_names):
+            ax.bar(range(len(cats)), [e[name] for e in cats], color="tab:blue")
+            ax.set_xticks(range(len(cats)), [e["name"].replace("_", "\n") for e in cats], fontsize=7)
+            arrow = "↑" if METRICS[name].higher_is_better else "↓"
+            ax.set_title(f"{name} {arrow}")
     return path
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.best_step import Criterion
+from ..figure import saved_figure
 from .report import _html, _markdown, ci95, figures, first_seed_grids, format_value, per_seed, write_page
 
 __all__ = ["V2_STEPS", "V2_SEEDS", "V2_METHODS", "V2_REGULARIZERS", "V2_IMAGES", "QUICK", "TOLERANCE", "TARGET",
@@ -333,57 +334,41 @@ def _cmp_cells(r: dict) -> list[str]:
 
 def curve_plot(method: str, data: dict[str, list[tuple]], path: Path) -> Path:
     """One method's leak-vs-fidelity curves: a line per regularizer through its steps, 95% error bars both ways."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for reg, pts in data.items():
-        steps, fid, fh, leak, lh = (np.array(v, float) for v in zip(*pts))
-        ax.errorbar(100 * fid, 100 * leak, xerr=100 * np.nan_to_num(fh), yerr=100 * np.nan_to_num(lh), marker="o",
-                    capsize=3, label=reg)
-        for st, x, y in zip(steps, fid, leak):
-            ax.annotate(str(int(st)), (100 * x, 100 * y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlim(-3, 103)  # rates: an interval past 0 or 100 (few seeds) is cut at the frame, not the axis stretched
-    ax.set_ylim(-3, 103)
-    ax.set_xlabel("fidelity (%)")
-    ax.set_ylabel("leak rate (%)")
-    ax.set_title(f"{method}: leak vs fidelity over training (points: steps; 95% CI)", fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, figsize=(5, 3.6)) as (fig, ax):
+        for reg, pts in data.items():
+            steps, fid, fh, leak, lh = (np.array(v, float) for v in zip(*pts))
+            ax.errorbar(100 * fid, 100 * leak, xerr=100 * np.nan_to_num(fh), yerr=100 * np.nan_to_num(lh), marker="o",
+                        capsize=3, label=reg)
+            for st, x, y in zip(steps, fid, leak):
+                ax.annotate(str(int(st)), (100 * x, 100 * y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlim(-3, 103)  # rates: an interval past 0 or 100 (few seeds) is cut at the frame, not the axis stretched
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("fidelity (%)")
+        ax.set_ylabel("leak rate (%)")
+        ax.set_title(f"{method}: leak vs fidelity over training (points: steps; 95% CI)", fontsize=8)
+        ax.legend(fontsize=7)
     return path
 
 
 def dose_plot(method: str, data: dict, path: Path) -> Path:
     """One method's dose–response at the last step: leak and fidelity against each family's weight (log axis),
     95% error bars, the baseline (``none``) as a dashed line with its interval shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    for k, (ax, label) in enumerate(zip(axes, ("leak rate (%)", "fidelity (%)"))):
-        if data["none"] is not None:
-            mean, half = (100 * np.nan_to_num(np.array(data["none"][2 * k: 2 * k + 2], float)))
-            ax.axhline(mean, color="k", ls="--", lw=1, label="none")
-            ax.axhspan(mean - half, mean + half, color="k", alpha=0.08)
-        for family, pts in data["families"].items():
-            cols = [np.array(c, float) for c in zip(*pts)]  # weight, leak, its half-width, fidelity, its half-width
-            w, m, h = cols[0], cols[1 + 2 * k], cols[2 + 2 * k]
-            ax.errorbar(w, 100 * m, yerr=100 * np.nan_to_num(h), marker="o", capsize=3, label=family)
-        ax.set_xscale("log")
-        ax.set_ylim(-3, 103)
-        ax.set_xlabel("weight")
-        ax.set_ylabel(label)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{method}: dose–response at the last step (95% CI)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, figsize=(8, 3.4), ncols=2) as (fig, axes):
+        for k, (ax, label) in enumerate(zip(axes, ("leak rate (%)", "fidelity (%)"))):
+            if data["none"] is not None:
+                mean, half = (100 * np.nan_to_num(np.array(data["none"][2 * k: 2 * k + 2], float)))
+                ax.axhline(mean, color="k", ls="--", lw=1, label="none")
+                ax.axhspan(mean - half, mean + half, color="k", alpha=0.08)
+            for family, pts in data["families"].items():
+                cols = [np.array(c, float) for c in zip(*pts)]  # weight, leak, its half-width, fidelity, its half-width
+                w, m, h = cols[0], cols[1 + 2 * k], cols[2 + 2 * k]
+                ax.errorbar(w, 100 * m, yerr=100 * np.nan_to_num(h), marker="o", capsize=3, label=family)
+            ax.set_xscale("log")
+            ax.set_ylim(-3, 103)
+            ax.set_xlabel("weight")
+            ax.set_ylabel(label)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{method}: dose–response at the last step (95% CI)", fontsize=9)
     return path
 
 

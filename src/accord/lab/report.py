@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..figure import saved_figure
+
 __all__ = ["METRICS", "TERMS", "per_seed", "summarize", "summarize_terms", "ci95", "format_table", "format_terms",
            "format_value", "first_seed_grids", "write_report"]
 
@@ -133,50 +135,34 @@ def _html_table(rows: list[dict]) -> str:
 
 
 def leak_bars(rows: list[dict], path: Path, title: str = "leak rate (coupled object appears unasked)") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['method']}\n{r['regularizer']}" for r in rows]
     means = [100 * r["leak"][0] for r in rows]
     errs = [0 if math.isnan(r["leak"][1]) else 100 * r["leak"][1] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 1), 3.2))
-    ax.bar(range(len(rows)), means, yerr=errs, capsize=4,
-           color=["#c44" if r["regularizer"] == "none" else "#48c" for r in rows])
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("% of images (95% CI over seeds)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, figsize=(max(4, 0.9 * len(rows) + 1), 3.2)) as (fig, ax):
+        ax.bar(range(len(rows)), means, yerr=errs, capsize=4,
+               color=["#c44" if r["regularizer"] == "none" else "#48c" for r in rows])
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel("% of images (95% CI over seeds)")
+        ax.set_ylim(0, 100)
+        ax.set_title(title, fontsize=9)
     return path
 
 
 def shift_curves(results: list[dict], path: Path) -> Path:
     """Fig. 6 analog: mean |Δ| (Eq. 7) on the reference captions over training, per setting (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups: dict[str, list] = defaultdict(list)
     for r in results:
         if r.get("dependence_shift"):
             groups[f"{r['setting']['method']} {r['setting']['regularizer']}"].append(r["dependence_shift"])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, curves in groups.items():
-        steps = sorted({int(k) for c in curves for k in c})
-        ys = [np.mean([c[str(s)] for c in curves if str(s) in c]) for s in steps]
-        ax.plot(steps, ys, marker="o", label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean |Δ| per element (nats)")
-    ax.set_title("dependence shift over training (Fig. 6 analog)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, figsize=(5, 3.2)) as (fig, ax):
+        for name, curves in groups.items():
+            steps = sorted({int(k) for c in curves for k in c})
+            ys = [np.mean([c[str(s)] for c in curves if str(s) in c]) for s in steps]
+            ax.plot(steps, ys, marker="o", label=name)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean |Δ| per element (nats)")
+        ax.set_title("dependence shift over training (Fig. 6 analog)", fontsize=9)
+        ax.legend(fontsize=7)
     return path
 
 
