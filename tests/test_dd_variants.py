@@ -180,7 +180,7 @@ def test_dreambooth_anchor_is_a_frozen_copy_of_the_base_unless_told_otherwise(fr
     assert plain._anchor is None  # no copy for a form that reads no anchor
 
 
-def _step(config):
+def _step(config, spy: dict | None = None):
     from accord.backbones import load_backbone
     from accord.methods import get_method
     from accord.step import TextCache, run_step
@@ -201,6 +201,8 @@ def _step(config):
     losses = run_step(config, backbone, method, TextCache(backbone, True), batch, None,
                       torch.Generator().manual_seed(3), "backpack", backward=lambda loss, last: loss.backward() or True)
     grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
+    if spy is not None:
+        spy["backbone"] = backbone
     return losses, grads, calls
 
 
@@ -229,3 +231,44 @@ def test_lean_gives_the_fast_gradient_for_each_variant(variant, tiny_model_dir, 
         assert abs(fast.parts["dd"] - plain.parts["dd"]) > 1e-3 * plain.parts["dd"]
     if variant != "anchored":  # |Δ − c| has |Δ|'s gradient wherever Δ and Δ − c share a sign, as at this draw
         assert any(not torch.allclose(g_fast[n], g_plain[n], rtol=1e-3, atol=1e-9) for n in g_fast)
+
+
+@pytest.mark.parametrize("variant", ["paper", "conditional"])
+def test_a_general_the_caption_does_not_name_gets_its_own_joint(variant, tiny_model_dir, tmp_path, monkeypatch):
+    """Template captions with an explicit ``general`` in metadata.jsonl: Eq. 7's joint is the prediction given
+    "c_p, c_g", not the caption's (which holds c_p alone), in both schedules, with the same gradient."""
+    import json
+
+    from trainkit import make_refs
+
+    import accord.step as step_module
+
+    refs = make_refs(tmp_path / "refs", captions=["1 sks backpack"] * 4)
+    (refs / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i:02d}.jpg", "general": ["girl", "park"]})
+                                                 + "\n" for i in range(4)))
+    real, seen = step_module.dd_variant_loss, []
+
+    def spy(variant, joint, *args, **kwargs):
+        seen.append({"joint": joint.detach().clone(), "x": kwargs["sample"], "t": kwargs["timesteps"]})
+        return real(variant, joint, *args, **kwargs)
+
+    monkeypatch.setattr(step_module, "dd_variant_loss", spy)
+    model, runs = tiny_model_dir("sd"), {}
+    for mode in ("fast", "lean"):
+        keep: dict = {}
+        config = tiny_config(model, refs, tmp_path / mode, accord={"dd_weight": 0.3, "dd_variant": variant,
+                                                                   "mode": mode})
+        runs[mode] = (*_step(config, keep), keep["backbone"])
+    losses, grads, calls, backbone = runs["fast"]
+    anchor = [4] if variant == "conditional" else []  # 2 rows × (joint_s, s) through the base
+    assert calls == [6, *anchor, 4]  # 2 captions, 2 own joints, 2 c_p with gradient; (c_g, ∅) without
+    with torch.no_grad():
+        for record in seen:
+            x, t, k = record["x"], record["t"], len(record["x"])
+            wanted = backbone.predict(x, t, backbone.encode_prompts(["1 sks backpack, girl, park"] * k))
+            caption_only = backbone.predict(x, t, backbone.encode_prompts(["1 sks backpack"] * k))
+            torch.testing.assert_close(record["joint"], wanted, rtol=1e-4, atol=1e-5)
+            assert (record["joint"] - caption_only).abs().max() > 1e-3
+    assert torch.allclose(losses.total, runs["lean"][0].total, rtol=1e-5)
+    for name in grads:
+        assert torch.allclose(grads[name], runs["lean"][1][name], rtol=1e-4, atol=1e-7), name

@@ -83,6 +83,25 @@ def test_mention_captions_that_fraction_of_references_in_full_and_the_rest_with_
         task.reference_caption(scene, i) for i, scene in enumerate(task.scenes)]
 
 
+def test_general_scene_tells_ddloss_every_other_concept_while_the_captions_stay(tmp_path):
+    from accord.data.references import scan_references
+
+    t = T.load_task("subject-background")
+    scene_task = T.Task(**{**t.__dict__, "captions": T.Captions(mention=0.6, general="scene")})
+    folder = scene_task.write_references(tmp_path / "refs", trigger="zwx")
+    items = scan_references(folder, "zwx", "circle")
+    assert len(items) == len(t.scenes) == 5
+    for i, (item, scene) in enumerate(zip(items, t.scenes)):
+        other = next(o for o in scene.objects if o.shape != "circle")
+        name = " ".join(w for w in (other.color, "" if other.pattern == "solid" else other.pattern, other.shape) if w)
+        assert item.general == f"{name} on the {other.place}, {scene.background} background"
+        assert item.caption == scene_task.reference_caption(scene, i).replace("sks ", "zwx ")  # captions unchanged
+    assert [item.caption for item in items].count("zwx circle") == 2  # the template ones now have a c_g
+    T.Task(**{**t.__dict__, "captions": T.Captions(mention=0.6)}).write_references(folder, trigger="zwx")
+    assert not (folder / "metadata.jsonl").exists()
+    assert [item.general for item in scan_references(folder, "zwx", "circle")].count("") == 2
+
+
 def test_generated_references_are_seeded_and_keep_to_the_rules():
     t = T.load_task("subject-place")
     assert T.load_task("subject-place").scenes == t.scenes  # the same draw every time
@@ -287,6 +306,7 @@ BAD = {
                           ["prompts: no prompt counts toward the leak rate"]),
     "bad-caption-rule": (_set("captions.objects", "all"), ["captions.objects: 'all'", "full, color, shape, omit"]),
     "mention-out-of-range": (_set("captions.mention", 1.5), ["captions.mention", "(0, 1]"]),
+    "bad-general": (_set("captions.general", "all"), ["captions.general: 'all'", "caption, scene"]),
     "generator-runs-out": (_set("references", {"generate": {"count": 2, "background": "blue", "objects": [
         {"use": "subject", "place": ["left"]}, {"use": "triangle", "place": ["left"]}]}}),
         ["references.generate.objects[1].place", "taken by an earlier object"]),

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .backbones import Conditioning
 from .config import Config
+from .data.captions import join_phrases, split_phrases
 from .losses import classdiffusion_loss, dd_variant_loss, pd_loss, sude_loss
 from .losses.dd_variants import ANCHORED
 
@@ -168,6 +169,10 @@ class Conditions:
     - for the DD rows (instance rows whose caption names other concepts; ``rows``, at most ``accord.dd_batch``):
       :meth:`personal` ``c_p`` (with gradient and the image, built afresh on each call since a backward frees its
       graph), ``general`` ``c_g`` and ``empty`` ``∅`` (without gradient or image);
+    - Eq. 7's joint of each DD row is its caption, except where the caption lacks some of the row's ``c_g``
+      phrases (an explicit ``general`` in ``metadata.jsonl`` that names what the caption does not): those rows
+      (``own``, indices into the DD rows) get :meth:`own_joint`, ``"c_p, c_g"`` with gradient, since the caption's
+      prediction is then not a prediction given both concepts;
     - :meth:`frozen`: any other prompt without gradient (the superclass, SuDe's category prompt).
     """
 
@@ -180,6 +185,11 @@ class Conditions:
         self.personal_prompts = [p for _, p, _ in terms]
         self.general_prompts = [g for _, _, g in terms]
         self.rows = torch.tensor([r for r, _, _ in terms], dtype=torch.long, device=inputs.noisy.device)
+        captions = [inputs.captions[r] for r, _, _ in terms]
+        self.dd_joint_prompts = [c if set(split_phrases(g)) <= set(split_phrases(c)) else join_phrases([p, g])
+                                 for c, (_, p, g) in zip(captions, terms)]
+        self.own = torch.tensor([j for j, (c, d) in enumerate(zip(captions, self.dd_joint_prompts)) if c != d],
+                                dtype=torch.long, device=inputs.noisy.device)
         self.image = method.reference_condition(batch)
         self.joint = method.attach(_with_size(text(inputs.captions, method.trains_text), inputs.size_cond), self.image)
         self._general = self._empty = None
@@ -196,6 +206,13 @@ class Conditions:
         image = self.method.reference_condition(self.inputs.batch) if fresh and self.image is not None else self.image
         return self.method.attach(_with_size(self.text(self.personal_prompts, self.method.trains_text),
                                              self._rows_size(self.rows)), None if image is None else image[self.rows])
+
+    def own_joint(self) -> Conditioning:
+        """``"c_p, c_g"`` of the DD rows in :attr:`own`, with gradient where the method trains text and the image."""
+        rows = self.rows[self.own]
+        prompts = [self.dd_joint_prompts[j] for j in self.own.tolist()]
+        return self.method.attach(_with_size(self.text(prompts, self.method.trains_text), self._rows_size(rows)),
+                                  None if self.image is None else self.image[rows])
 
     def frozen(self, prompts: list[str], rows: torch.Tensor) -> Conditioning:
         with torch.no_grad():
@@ -222,11 +239,13 @@ class Conditions:
 
 @dataclass
 class Predictions:
-    """Denoiser outputs by name: ``joint`` (every row), ``personal`` (DD rows) and each term's frozen ones."""
+    """Denoiser outputs by name: ``joint`` (every row), ``personal`` (DD rows), ``own_joint`` (the DD rows in
+    :attr:`Conditions.own`) and each term's frozen ones."""
 
     joint: torch.Tensor
     personal: torch.Tensor | None = None
     frozen: dict = field(default_factory=dict)
+    own_joint: torch.Tensor | None = None
 
 
 class Term:
@@ -273,7 +292,7 @@ class DDTerm(Term):
         if self.variant not in ANCHORED:
             return {}
         conds, rows = step.conds, step.conds.rows
-        joint_s = conds.superclass_of([step.inputs.captions[r] for r in rows.tolist()])
+        joint_s = conds.superclass_of(conds.dd_joint_prompts)
         personal_s = [s or conds.superclass for s in conds.superclass_of(conds.personal_prompts)]
         wanted = {"anchor_joint": (rows, conds.frozen(joint_s, rows)),
                   "anchor_superclass": (rows, conds.frozen(personal_s, rows))}
@@ -287,7 +306,7 @@ class DDTerm(Term):
         anchor = None
         if self.variant in ANCHORED:
             anchor = tuple(f.get(f"anchor_{n}") for n in ("joint", "superclass", "general", "null"))
-        per, comps = dd_variant_loss(self.variant, preds.joint[rows], preds.personal, f["general"], f["null"],
+        per, comps = dd_variant_loss(self.variant, step.dd_joint(preds), preds.personal, f["general"], f["null"],
                                      sample=inputs.noisy[rows], timesteps=inputs.timesteps[rows],
                                      scheduler=step.backbone.noise_scheduler, scale=step.config.accord.dd_scale,
                                      anchor=anchor)
@@ -425,6 +444,26 @@ class Step:
     def predict(self, noisy, timesteps, cond) -> torch.Tensor:
         return self.backbone.predict(noisy, timesteps, cond)
 
+    def predict_joint(self, extra: Conditioning | None = None) -> Predictions:
+        """One forward with gradient: every row's caption, then the DD rows' own joint (:meth:`Conditions.own_joint`),
+        then ``extra`` on the DD rows (``fast``'s c_p, as ``personal``)."""
+        inputs, conds = self.inputs, self.conds
+        parts = [(torch.arange(len(inputs.noisy), device=inputs.noisy.device), conds.joint)]
+        if len(conds.own):
+            parts.append((conds.rows[conds.own], conds.own_joint()))
+        if extra is not None:
+            parts.append((conds.rows, extra))
+        rows = torch.cat([r for r, _ in parts])
+        pred = list(self.predict(inputs.noisy[rows], inputs.timesteps[rows], Conditioning.cat([c for _, c in parts]))
+                    .split([len(r) for r, _ in parts]))
+        return Predictions(pred.pop(0), own_joint=pred.pop(0) if len(conds.own) else None,
+                           personal=pred.pop(0) if extra is not None else None)
+
+    def dd_joint(self, preds: Predictions) -> torch.Tensor:
+        """Eq. 7's joint prediction of the DD rows: the caption's, or the row's own joint where it has one."""
+        joint = preds.joint[self.conds.rows]
+        return joint if preds.own_joint is None else joint.index_copy(0, self.conds.own, preds.own_joint)
+
     def frozen_predictions(self, terms: list[Term], lead: tuple[torch.Tensor, Conditioning] | None = None) -> dict:
         """Each term's frozen predictions, one forward per term (``lead``: rows and conditions prepended to the
         first term's forward when their shapes allow, returned as ``"lead"``)."""
@@ -489,16 +528,8 @@ def diffusion_loss(config: Config, backbone, pred, target, timesteps, mask=None)
 def fast(step: Step, backward: Backward | None) -> StepLosses:
     """One forward with gradient for the joint rows and the DD rows' c_p together, one without per term; one
     backward. The most memory, the fewest passes."""
-    inputs, personal_terms = step.inputs, step.personal_terms
-    rows = step.conds.rows
     with step.method.capture():
-        if personal_terms:
-            pred = step.predict(torch.cat([inputs.noisy, inputs.noisy[rows]]),
-                                torch.cat([inputs.timesteps, inputs.timesteps[rows]]),
-                                Conditioning.cat([step.conds.joint, step.conds.personal()]))
-            preds = Predictions(pred[: len(inputs.noisy)], pred[len(inputs.noisy):])
-        else:
-            preds = Predictions(step.predict(inputs.noisy, inputs.timesteps, step.conds.joint))
+        preds = step.predict_joint(step.conds.personal() if step.personal_terms else None)
     preds.frozen = step.frozen_predictions(step.terms)
     main, regs, total = _losses(step, preds)
     step.parts.update(_shares(main, regs, step.params)[0])
@@ -516,14 +547,14 @@ def frozen_personal(step: Step, backward: Backward | None, *, last: bool = True)
     """c_p's prediction without gradient (with the DD term's c_g and ∅ in one forward), the joint with gradient;
     one backward. ``accord.dd_variant=frozen_personal`` is this schedule whatever ``accord.mode`` says, and it is
     the first part of :func:`lean`."""
-    inputs = step.inputs
     personal_terms = step.personal_terms
     lead = None
     if personal_terms:
         lead = (step.conds.rows, step.conds.personal().detach())
     frozen = step.frozen_predictions(personal_terms, lead) if personal_terms else {}
     with step.method.capture():
-        preds = Predictions(step.predict(inputs.noisy, inputs.timesteps, step.conds.joint), frozen.pop("lead", None))
+        preds = step.predict_joint()
+    preds.personal = frozen.pop("lead", None)
     frozen.update(step.frozen_predictions([t for t in step.terms if t not in personal_terms]))
     preds.frozen = frozen
     main, regs, total = _losses(step, preds)
@@ -549,7 +580,8 @@ def lean(step: Step, backward: Backward | None) -> StepLosses:
     del main, regs
     rows = step.conds.rows
     second_preds = Predictions(preds.joint.detach(), step.predict(step.inputs.noisy[rows], step.inputs.timesteps[rows],
-                                                                  step.conds.personal(fresh=True)), preds.frozen)
+                                                                  step.conds.personal(fresh=True)), preds.frozen,
+                               None if preds.own_joint is None else preds.own_joint.detach())
     seconds = {}
     for term in step.personal_terms:
         per, _ = term.per_sample(step, second_preds)

@@ -57,11 +57,15 @@ class Captions:
     (``full``: colour, pattern and shape; ``color``: colour and shape; ``shape``: the shape word only;
     ``omit``: not named), then the background (``"<colour> background"``) if ``background``. ``mention`` is the
     fraction of references captioned so; the others carry the subject's phrase alone, as a template caption
-    ("a photo of sks dog") does, spread evenly over the references (:meth:`in_full`)."""
+    ("a photo of sks dog") does, spread evenly over the references (:meth:`in_full`). ``general`` is what DDLoss
+    is told is the other concepts c_g of each reference: ``caption`` (the caption's other phrases) or ``scene``
+    (every other object in full with its place, and the background, whatever the caption says; written as
+    ``metadata.jsonl``'s ``general``, as a user or a captioner lists what shares the picture)."""
     objects: str = "full"
     places: bool = False
     background: bool = True
     mention: float = 1.0
+    general: str = "caption"
 
     def in_full(self, index: int) -> bool:
         """Whether reference ``index`` is captioned by the rule rather than with the subject's phrase alone: the
@@ -188,17 +192,31 @@ class Task:
         text = caption(Scene(scene.background, tuple(others)), places=style.places, background=style.background)
         return " ".join(text.split())  # ``shape`` leaves an empty colour word
 
+    def scene_general(self, scene: Scene) -> str:
+        """Everything but the subject, named in full with places (``captions.general: scene``)."""
+        others = tuple(o for o in scene.objects if o.shape != self.subject.shape)
+        return caption(Scene(scene.background, others), places=True, background=True)
+
     def write_references(self, folder: Path, trigger: str | None = None) -> Path:
         """PNG + ``.txt`` caption sidecars, e.g. ``"sks circle, yellow triangle, blue background"`` (``trigger``
-        in place of the task's). Files already holding the same bytes are left alone, and the others replaced
-        whole, so runs in parallel processes can write and read one references folder."""
+        in place of the task's), and with ``captions.general: scene`` a ``metadata.jsonl`` giving each image's
+        ``general``. Files already holding the same bytes are left alone, and the others replaced whole, so runs in
+        parallel processes can write and read one references folder."""
+        import json
+
         folder.mkdir(parents=True, exist_ok=True)
+        lines = []
         for i, scene in enumerate(self.scenes):
             _put(folder / f"{i:02d}.png", _png(render(scene)))
             text = self.reference_caption(scene, i)
             if trigger:
                 text = text.replace(f"{self.trigger} ", f"{trigger} ")
             _put(folder / f"{i:02d}.txt", (text + "\n").encode())
+            lines.append(json.dumps({"file_name": f"{i:02d}.png", "general": self.scene_general(scene)}))
+        if self.captions.general == "scene":
+            _put(folder / "metadata.jsonl", ("\n".join(lines) + "\n").encode())
+        else:  # the lab's own file from a run with ``scene``: it would tell DDLoss more than this task's captions
+            (folder / "metadata.jsonl").unlink(missing_ok=True)
         return folder
 
     def write_masked_references(self, folder: Path, token: str) -> Path:
@@ -478,12 +496,14 @@ def load_task(path: str | Path) -> Task:
         coupled[str(name)] = Obj(**{k: r.choice(v, f"coupled.{name}.{k}", *_ATTRS[k]) for k, v in c.items()})
     concepts = {"subject": subject.obj, **coupled}
     scenes = _references(r, data["references"], concepts, subject)
-    cap = r.mapping(data.get("captions") or {}, "captions", ("objects", "places", "background", "mention"))
+    cap = r.mapping(data.get("captions") or {}, "captions", ("objects", "places", "background", "mention", "general"))
     captions = Captions(objects=r.choice(cap.get("objects", "full"), "captions.objects", CAPTION_OBJECTS,
                                          "a naming rule"),
                         places=r.flag(cap.get("places", False), "captions.places"),
                         background=r.flag(cap.get("background", True), "captions.background"),
-                        mention=r.fraction(cap.get("mention", 1.0), "captions.mention"))
+                        mention=r.fraction(cap.get("mention", 1.0), "captions.mention"),
+                        general=r.choice(cap.get("general", "caption"), "captions.general", ("caption", "scene"),
+                                         "a source of c_g"))
     leak = _leak(r, data["leak"], subject, coupled)
     if not isinstance(data["prompts"], list) or not data["prompts"]:
         raise r.fail("prompts", f"expected a list of [category, prompt] pairs, got {_kind(data['prompts'])}")
