@@ -272,3 +272,13 @@ def test_a_general_the_caption_does_not_name_gets_its_own_joint(variant, tiny_mo
     assert torch.allclose(losses.total, runs["lean"][0].total, rtol=1e-5)
     for name in grads:
         assert torch.allclose(grads[name], runs["lean"][1][name], rtol=1e-4, atol=1e-7), name
+
+
+def test_a_caption_names_its_general_when_it_holds_every_word():
+    from accord.step import names_general
+
+    assert names_general("1 sks backpack, girl, park", "park, girl")
+    assert names_general("a photo of <asset0> and <asset1>, table", "a photo of <asset1>, table")  # Break-A-Scene
+    assert names_general("sks dog at the Park", "park")
+    assert not names_general("1 sks backpack", "girl, park")
+    assert not names_general("1 sks backpack, girl", "girl, park")

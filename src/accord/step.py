@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .backbones import Conditioning
 from .config import Config
-from .data.captions import join_phrases, split_phrases
+from .data.captions import join_phrases
 from .losses import classdiffusion_loss, dd_variant_loss, pd_loss, sude_loss
 from .losses.dd_variants import ANCHORED
 
@@ -161,6 +161,13 @@ def superclass_prompts(prompts: list[str], superclass: str, trigger: str) -> lis
     return [" ".join(pattern.sub(superclass, p).split()) for p in prompts]
 
 
+def names_general(caption: str, general: str) -> bool:
+    """Whether ``caption`` names ``general``: every word of it is among the caption's (so Break-A-Scene's
+    "a photo of <asset1>" is named by "a photo of <asset0> and <asset1>", and "park" by "sks dog at the park")."""
+    words = lambda text: set(text.replace(",", " ").lower().split())  # noqa: E731
+    return words(general) <= words(caption)
+
+
 class Conditions:
     """What the denoiser is conditioned on in one micro-batch.
 
@@ -169,8 +176,8 @@ class Conditions:
     - for the DD rows (instance rows whose caption names other concepts; ``rows``, at most ``accord.dd_batch``):
       :meth:`personal` ``c_p`` (with gradient and the image, built afresh on each call since a backward frees its
       graph), ``general`` ``c_g`` and ``empty`` ``∅`` (without gradient or image);
-    - Eq. 7's joint of each DD row is its caption, except where the caption lacks some of the row's ``c_g``
-      phrases (an explicit ``general`` in ``metadata.jsonl`` that names what the caption does not): those rows
+    - Eq. 7's joint of each DD row is its caption, except where the caption does not name the row's ``c_g``
+      (:func:`names_general`; an explicit ``general`` in ``metadata.jsonl`` that the caption leaves out): those rows
       (``own``, indices into the DD rows) get :meth:`own_joint`, ``"c_p, c_g"`` with gradient, since the caption's
       prediction is then not a prediction given both concepts;
     - :meth:`frozen`: any other prompt without gradient (the superclass, SuDe's category prompt).
@@ -186,7 +193,7 @@ class Conditions:
         self.general_prompts = [g for _, _, g in terms]
         self.rows = torch.tensor([r for r, _, _ in terms], dtype=torch.long, device=inputs.noisy.device)
         captions = [inputs.captions[r] for r, _, _ in terms]
-        self.dd_joint_prompts = [c if set(split_phrases(g)) <= set(split_phrases(c)) else join_phrases([p, g])
+        self.dd_joint_prompts = [c if names_general(c, g) else join_phrases([p, g])
                                  for c, (_, p, g) in zip(captions, terms)]
         self.own = torch.tensor([j for j, (c, d) in enumerate(zip(captions, self.dd_joint_prompts)) if c != d],
                                 dtype=torch.long, device=inputs.noisy.device)
