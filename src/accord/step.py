@@ -455,14 +455,17 @@ class Step:
         """One forward with gradient: every row's caption, then the DD rows' own joint (:meth:`Conditions.own_joint`),
         then ``extra`` on the DD rows (``fast``'s c_p, as ``personal``)."""
         inputs, conds = self.inputs, self.conds
-        parts = [(torch.arange(len(inputs.noisy), device=inputs.noisy.device), conds.joint)]
+        parts = [(inputs.noisy, inputs.timesteps, conds.joint)]
         if len(conds.own):
-            parts.append((conds.rows[conds.own], conds.own_joint()))
+            own = conds.rows[conds.own]
+            parts.append((inputs.noisy[own], inputs.timesteps[own], conds.own_joint()))
         if extra is not None:
-            parts.append((conds.rows, extra))
-        rows = torch.cat([r for r, _ in parts])
-        pred = list(self.predict(inputs.noisy[rows], inputs.timesteps[rows], Conditioning.cat([c for _, c in parts]))
-                    .split([len(r) for r, _ in parts]))
+            parts.append((inputs.noisy[conds.rows], inputs.timesteps[conds.rows], extra))
+        if len(parts) == 1:  # no DD rows: the batch as it is, without a copy
+            return Predictions(self.predict(*parts[0]))
+        noisy, timesteps, cond = zip(*parts)
+        pred = list(self.predict(torch.cat(noisy), torch.cat(timesteps), Conditioning.cat(list(cond)))
+                    .split([len(x) for x in noisy]))
         return Predictions(pred.pop(0), own_joint=pred.pop(0) if len(conds.own) else None,
                            personal=pred.pop(0) if extra is not None else None)
 

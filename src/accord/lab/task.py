@@ -205,15 +205,15 @@ class Task:
         import json
 
         folder.mkdir(parents=True, exist_ok=True)
-        lines = []
         for i, scene in enumerate(self.scenes):
             _put(folder / f"{i:02d}.png", _png(render(scene)))
             text = self.reference_caption(scene, i)
             if trigger:
                 text = text.replace(f"{self.trigger} ", f"{trigger} ")
             _put(folder / f"{i:02d}.txt", (text + "\n").encode())
-            lines.append(json.dumps({"file_name": f"{i:02d}.png", "general": self.scene_general(scene)}))
         if self.captions.general == "scene":
+            lines = [json.dumps({"file_name": f"{i:02d}.png", "general": self.scene_general(scene)})
+                     for i, scene in enumerate(self.scenes)]
             _put(folder / "metadata.jsonl", ("\n".join(lines) + "\n").encode())
         else:  # the lab's own file from a run with ``scene``: it would tell DDLoss more than this task's captions
             (folder / "metadata.jsonl").unlink(missing_ok=True)
