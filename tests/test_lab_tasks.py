@@ -49,6 +49,17 @@ def test_shipped_task_loads_and_its_leak_is_what_every_reference_shows(name):
     assert all(p.text.startswith(f"{t.trigger} ") or f" {t.trigger} " in p.text for p in t.prompts)
 
 
+def test_only_the_drawable_task_gives_its_subject_a_look_the_base_model_drew():
+    """An embedding-only method (Textual Inversion) cannot teach the frozen denoiser a pattern it never drew, so the
+    task meant for it is the one whose subject pattern is in pretraining; the others' subjects are new looks."""
+    from accord.lab.world import PRETRAIN_PATTERNS
+
+    drawable = {n for n in T.shipped_tasks() if T.load_task(n).subject.pattern in PRETRAIN_PATTERNS}
+    assert drawable == {"object-object-drawable"}
+    t = T.load_task("object-object-drawable")
+    assert all(o.pattern != t.subject.pattern for s in t.scenes for o in s.objects if o.shape != t.subject.shape)
+
+
 @pytest.mark.parametrize("name,hidden", [("object-object-generic", "striped"), ("style-content", "striped")])
 def test_coupled_look_is_in_the_images_but_not_in_the_captions(name, hidden):
     t = T.load_task(name)
