@@ -165,6 +165,7 @@ def _step(config):
     losses = run_step(config, backbone, method, TextCache(backbone, not method.trains_text), batch, None,
                       torch.Generator().manual_seed(3), "backpack", backward=lambda loss, last: loss.backward() or True)
     grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
+    grads |= {f"text.{n}": p.grad.clone() for n, p in backbone.text_encoders[0].named_parameters() if p.grad is not None}
     return losses, grads, unet, len(text)
 
 
@@ -184,6 +185,24 @@ def test_zero_weights_skip_the_extra_work(model, refs, tmp_path):
     assert text_cd == 3  # captions, then personal phrases (with gradient) and class phrases (without)
     assert 0 <= cd.parts["classdiffusion"] <= 2
     assert torch.allclose(cd.total.detach(), cd.parts["diffusion"] + 0.5 * cd.parts["classdiffusion"])
+
+
+def test_pdloss_trains_the_trigger_text_features_when_the_text_encoder_is_trained(model, refs, tmp_path):
+    """LoRA's c_p is the trigger phrase: frozen text means PDLoss has nothing to train (skipped); with
+    method.train_text_encoder it is Eq. 11 on the trained encoder, its gradient on the text side only."""
+    off, _, _, _ = _step(tiny_config(model, refs, tmp_path / "f", accord={"dd_weight": 0.0, "pd_weight": 0.5}))
+    assert "pd" not in off.parts
+    text = {"train_text_encoder": True}
+    base, g0, _, _ = _step(tiny_config(model, refs, tmp_path / "b", accord={"dd_weight": 0.0}, method=text))
+    pd, g1, _, _ = _step(tiny_config(model, refs, tmp_path / "p", accord={"dd_weight": 0.0, "pd_weight": 0.5},
+                                     method=text))
+    assert 0 < pd.parts["pd"] <= 2 and "pd" not in base.parts
+    assert torch.allclose(pd.total.detach(), pd.parts["diffusion"] + 0.5 * pd.parts["pd"])
+    assert torch.allclose(pd.parts["diffusion"], base.parts["diffusion"])
+    text_keys = [k for k in g1 if k.startswith("text.")]
+    assert text_keys and g0.keys() == g1.keys()
+    assert any(not torch.allclose(g0[k], g1[k]) for k in text_keys)  # PDLoss moves the text side
+    assert all(torch.equal(g0[k], g1[k]) for k in g1 if not k.startswith("text."))  # and not the UNet
 
 
 def test_lean_mode_keeps_the_fast_gradient_with_sude(model, refs, tmp_path):

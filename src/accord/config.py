@@ -151,7 +151,8 @@ class MethodOptions:
 @dataclass
 class AccordConfig:
     dd_weight: float = _f(0.0, "DDLoss weight (paper: 0.1-0.3); 0 disables and skips its passes")
-    pd_weight: float = _f(0.0, "PDLoss weight (paper: 0.001-0.003); 0 disables; for methods that train c_p")
+    pd_weight: float = _f(0.0, "PDLoss weight (paper: 0.001-0.003); 0 disables; for methods that train c_p "
+                                 "(a learned token or image feature, or the text encoder)")
     dd_scale: str = _f(
         "reference", "scale of DDLoss and SuDe, the one the paper's weights refer to by default: 'reference' is "
         "Facechain-SuDe's official convention (Delta per element, divided by the posterior coefficient m_t on x0); "

@@ -27,7 +27,7 @@ from .data.captions import join_phrases
 from .losses import classdiffusion_loss, dd_variant_loss, pd_loss, sude_loss
 from .losses.dd_variants import ANCHORED
 
-__all__ = ["StepLosses", "TextCache", "LatentCache", "Inputs", "Conditions", "Term", "noised_inputs", "build_terms",
+__all__ = ["StepLosses", "TextCache", "LatentCache", "Inputs", "Conditions", "Term", "noised_inputs", "build_terms", "pd_applies",
            "assemble", "fast", "lean", "frozen_personal", "run_step", "SCHEDULES"]
 
 #: ``backward(loss, last)``: run the backward pass of one piece of the step's loss (``last``: the step's final
@@ -394,6 +394,12 @@ class PDTerm(Term):
         return pd_loss(f_p, f_s, f_g, mask=mask)[0], {}
 
 
+def pd_applies(method) -> bool:
+    """Whether PDLoss has something to train: c_p is a learned token or image feature, or the method trains the
+    text encoder (``method.train_text_encoder``), through which the trigger phrase's features f_p move."""
+    return bool(method.learns_personal_embedding or method.trains_text)
+
+
 def build_terms(config: Config, method, force_dd: bool = False) -> list[Term]:
     """The step's regularizers with a weight above 0 (``force_dd``: DDLoss at its weight even at 0, for its
     logged terms — ``accord probe``), in the order they are summed."""
@@ -405,7 +411,7 @@ def build_terms(config: Config, method, force_dd: bool = False) -> list[Term]:
         terms.append(SuDeTerm(reg.sude_weight))
     if reg.classdiffusion_weight > 0 and method.trains_text:
         terms.append(ClassDiffusionTerm(reg.classdiffusion_weight))
-    if losses.pd_weight > 0 and method.learns_personal_embedding:
+    if losses.pd_weight > 0 and pd_applies(method):
         terms.append(PDTerm(losses.pd_weight))
     return terms
 

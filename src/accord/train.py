@@ -25,7 +25,7 @@ from .errors import AccordError, ConfigError
 from .methods import get_method
 from .monitor import TermsMonitor
 from .output import writable_folder
-from .step import LatentCache, TextCache, run_step
+from .step import LatentCache, TextCache, pd_applies, run_step
 
 logger = logging.getLogger("accord.train")
 
@@ -280,8 +280,9 @@ def _setup(config: Config, resume: str | None, resume_anyway: bool) -> _Run:
     out = _prepare_output_dir(config, resume, accelerator.is_main_process)
     config_dict = config_to_dict(config)
     backbone, method = build_model(config, accelerator)
-    if config.accord.pd_weight > 0 and not method.learns_personal_embedding:
-        logger.warning("accord.pd_weight is set but method %s does not learn c_p; PDLoss is skipped", method.name)
+    if config.accord.pd_weight > 0 and not pd_applies(method):
+        logger.warning("accord.pd_weight is set but method %s does not learn c_p (set method.train_text_encoder=true "
+                       "to train the trigger's text features); PDLoss is skipped", method.name)
     if config.regularizers.classdiffusion_weight > 0 and not method.trains_text:
         logger.warning("regularizers.classdiffusion_weight is set but method %s trains no text side (set "
                        "method.train_text_encoder=true); ClassDiffusion's loss is skipped", method.name)
