@@ -165,7 +165,8 @@ def _step(config):
     losses = run_step(config, backbone, method, TextCache(backbone, not method.trains_text), batch, None,
                       torch.Generator().manual_seed(3), "backpack", backward=lambda loss, last: loss.backward() or True)
     grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
-    grads |= {f"text.{n}": p.grad.clone() for n, p in backbone.text_encoders[0].named_parameters() if p.grad is not None}
+    text_side = backbone.text_encoders[0].named_parameters()
+    grads |= {f"text.{n}": p.grad.clone() for n, p in text_side if p.grad is not None}
     return losses, grads, unet, len(text)
 
 

@@ -27,8 +27,8 @@ from .data.captions import join_phrases
 from .losses import classdiffusion_loss, dd_variant_loss, pd_loss, sude_loss
 from .losses.dd_variants import ANCHORED
 
-__all__ = ["StepLosses", "TextCache", "LatentCache", "Inputs", "Conditions", "Term", "noised_inputs", "build_terms", "pd_applies",
-           "assemble", "fast", "lean", "frozen_personal", "run_step", "SCHEDULES"]
+__all__ = ["StepLosses", "TextCache", "LatentCache", "Inputs", "Conditions", "Term", "noised_inputs", "build_terms",
+           "pd_applies", "assemble", "fast", "lean", "frozen_personal", "run_step", "SCHEDULES"]
 
 #: ``backward(loss, last)``: run the backward pass of one piece of the step's loss (``last``: the step's final
 #: piece, when DDP synchronises gradients); returns False, having run nothing, when some rank's loss is not finite.
