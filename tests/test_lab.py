@@ -255,15 +255,23 @@ def test_lab_recipes_are_registered_methods(capsys):
     from accord.lab.runner import METHODS, settings_for
     from accord.methods.base import method_names
 
-    assert set(METHODS) <= set(method_names())
+    from accord.lab.runner import DEFAULT_METHODS
+
+    assert set(DEFAULT_METHODS) <= set(method_names())
     for name, recipe in METHODS.items():
-        assert config_from_dict({"method": recipe["method"]}).method.name == name
+        method = config_from_dict({"method": recipe["method"]}).method
+        assert method.name == name.removesuffix("+text")
+        assert getattr(method, "train_text_encoder", False) == name.endswith("+text")
     assert {m: settings_for(m) for m in METHODS} == {
         "lora": ["none", "dd", "dd-conditional", "sude"],
         "dreambooth": ["none", "dd", "dd-conditional", "prior", "sude"],
         "textual_inversion": ["none", "dd", "dd-conditional", "pd", "dd+pd", "sude", "classdiffusion"],
         "custom_diffusion": ["none", "dd", "dd-conditional", "pd", "dd+pd", "prior", "sude", "classdiffusion"],
-        "break_a_scene": ["none", "dd", "dd-conditional"]}
+        "break_a_scene": ["none", "dd", "dd-conditional"],
+        # the text encoder is trained, so the trigger phrase's features are learned: PDLoss applies
+        "lora+text": ["none", "dd", "dd-conditional", "pd", "dd+pd", "sude", "classdiffusion"],
+        "dreambooth+text": ["none", "dd", "dd-conditional", "pd", "dd+pd", "prior", "sude", "classdiffusion"]}
+    assert set(METHODS) - set(DEFAULT_METHODS) == {"lora+text", "dreambooth+text"}
     assert main(["lab", "bench", "--methods", "ip_adapter", "--output", "unused"]) != 0
     assert "--methods 'ip_adapter' has no lab recipe" in capsys.readouterr().err
 

@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
     b.add_argument("--output", help="run folder (report.html, summary.md, runs/; default: accord-lab-bench, "
                    "protocol 2: accord-lab-bench-v2)")
     b.add_argument("--methods", nargs="+", help="methods to bench (default: every method with a lab recipe, all but "
-                   "the image-encoder ones; protocol 2: lora dreambooth)")
+                   "the image-encoder ones; protocol 2: lora dreambooth). lora+text and dreambooth+text (the text "
+                   "encoder trained too, so PDLoss applies) run only when named")
     b.add_argument("--regularizers", nargs="+",
                    help="subset of none dd dd-conditional pd dd+pd prior sude classdiffusion (default: all that "
                    "apply to each method; protocol 2: none dd dd-conditional; dd is Eq. 8 as written, "
@@ -83,7 +84,7 @@ def _bench(args) -> int:
     from ..errors import AccordError
     from ..lab.experiment import run_experiment
     from ..lab.report import format_table, summarize
-    from ..lab.runner import METHODS, applies, regularizer_config
+    from ..lab.runner import DEFAULT_METHODS, METHODS, applies, regularizer_config
     from ..lab.task import default_task, load_task
     from ..methods.base import method_names
 
@@ -92,7 +93,7 @@ def _bench(args) -> int:
 
         args.methods = args.methods or list(V2_METHODS)
         args.regularizers = args.regularizers or list(V2_REGULARIZERS)
-    args.methods = args.methods or list(METHODS)
+    args.methods = args.methods or list(DEFAULT_METHODS)
     for m in args.methods:
         if m not in METHODS:
             why = " has no lab recipe (the lab has no image encoder)" if m in method_names() else ""
@@ -101,8 +102,8 @@ def _bench(args) -> int:
         regularizer_config(r)  # one-line error for an unknown name
         if not any(applies(r, m) for m in args.methods):
             raise AccordError(f"--regularizers {r!r} applies to none of --methods {' '.join(args.methods)} "
-                              f"(PDLoss and ClassDiffusion need textual_inversion or custom_diffusion; prior needs "
-                              "dreambooth or custom_diffusion)")
+                              "(PDLoss and ClassDiffusion need textual_inversion, custom_diffusion, lora+text or "
+                              "dreambooth+text; prior needs dreambooth, dreambooth+text or custom_diffusion)")
     task = load_task(args.task) if args.task else default_task()
     if args.protocol == 2:
         return _bench_v2(args, task)

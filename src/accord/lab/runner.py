@@ -20,8 +20,8 @@ from ..errors import AccordError
 from . import task
 from .judge import Judge, model_dir
 
-__all__ = ["METHODS", "REGULARIZERS", "Setting", "applies", "dependence_terms", "evaluate", "regularizer_config",
-           "run_setting", "settings_for"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "REGULARIZERS", "Setting", "applies", "dependence_terms", "evaluate",
+           "regularizer_config", "run_setting", "settings_for"]
 
 # Per-method recipe (the paper's Sec. 4 hyper-parameters scaled to the lab: lr, trigger, trained parts), keyed by
 # the registered method's name (accord.methods); the methods conditioned on an image encoder (visual_encoder,
@@ -45,6 +45,11 @@ METHODS: dict[str, dict] = {
     "break_a_scene": {"method": {"name": "break_a_scene", "bas_phase1_lr": 5e-3, "lora_rank": 8},
                       "train": {"learning_rate": 1e-3}, "trigger": "<asset0>"},
 }
+# LoRA and DreamBooth that also train the text encoder (method.train_text_encoder), at their recipes' rates: the
+# trigger phrase's features f_p are learned then, so PDLoss and ClassDiffusion apply. Benched on request only.
+METHODS.update({f"{m}+text": {**METHODS[m], "method": {**METHODS[m]["method"], "train_text_encoder": True}}
+                for m in ("lora", "dreambooth")})
+DEFAULT_METHODS = tuple(m for m in METHODS if not m.endswith("+text"))  # `lab bench`'s methods when none are named
 # The paper's loss weights (Sec. 4: DDLoss 0.1-0.3, PDLoss 0.001-0.003), fixed before any lab result.
 DD_WEIGHT, PD_WEIGHT = 0.2, 0.002
 SUDE_WEIGHT, CLASSDIFFUSION_WEIGHT = 0.4, 0.1  # SuDe: its official code's default
@@ -120,10 +125,12 @@ def settings_for(method: str) -> list[str]:
     regs = ["none", "dd", "dd-conditional"]
     if method == "break_a_scene":  # its own masked loss; SuDe's class prompts do not fit its union prompts
         return regs
-    trains_personal = get_method(method).learns_personal_embedding  # c_p is trainable: PDLoss applies
+    recipe = METHODS[method]["method"]
+    # c_p is trainable (a learned embedding, or the text encoder the trigger phrase goes through): PDLoss applies
+    trains_personal = get_method(recipe["name"]).learns_personal_embedding or bool(recipe.get("train_text_encoder"))
     if trains_personal:
         regs += ["pd", "dd+pd"]
-    if method in _PRIOR_METHODS:
+    if recipe["name"] in _PRIOR_METHODS:
         regs.append("prior")
     regs.append("sude")  # SuDe needs only the class word, so every method can take it
     if trains_personal:
