@@ -252,10 +252,8 @@ def test_lab_recipes_are_registered_methods(capsys):
     were; a registered method without a recipe is named as such."""
     from accord.cli import main
     from accord.config import config_from_dict
-    from accord.lab.runner import METHODS, settings_for
+    from accord.lab.runner import DEFAULT_METHODS, METHODS, settings_for
     from accord.methods.base import method_names
-
-    from accord.lab.runner import DEFAULT_METHODS
 
     assert set(DEFAULT_METHODS) <= set(method_names())
     for name, recipe in METHODS.items():
