@@ -24,8 +24,8 @@ __all__ = ["DEFAULT_METHODS", "METHODS", "REGULARIZERS", "Setting", "applies", "
            "regularizer_config", "run_setting", "settings_for"]
 
 # Per-method recipe (the paper's Sec. 4 hyper-parameters scaled to the lab: lr, trigger, trained parts), keyed by
-# the registered method's name (accord.methods); the methods conditioned on an image encoder (visual_encoder,
-# ip_adapter) have none: the lab has no image encoder.
+# the registered method's name (accord.methods; `NAME+text` below: that recipe with the text encoder trained); the
+# methods conditioned on an image encoder (visual_encoder, ip_adapter) have none: the lab has no image encoder.
 # LoRA is rank 32: at rank 8 (the lab's first recipe, behind the notebook's figures before 2026-12-05) LoRA did not
 # reach 60% fidelity within protocol 2's 600 steps on any task tried (50-54% on three tasks, 2e-3 and 3e-3 learning
 # rates no better); rank 32 reached 58% and 85% on two seeds of object-object-generic, but 44% on style-content and
