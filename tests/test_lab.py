@@ -280,6 +280,7 @@ def test_bench_refuses_a_regularizer_no_method_takes(capsys):
     assert main(["lab", "bench", "--methods", "lora", "--regularizers", "pd", "--output", "unused"]) != 0
     err = capsys.readouterr().err
     assert "--regularizers 'pd' applies to none of --methods lora" in err and "Traceback" not in err
+    assert "add one of textual_inversion custom_diffusion lora+text dreambooth+text" in err
 
 
 @pytest.mark.slow

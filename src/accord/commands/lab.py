@@ -101,9 +101,9 @@ def _bench(args) -> int:
     for r in args.regularizers or []:
         regularizer_config(r)  # one-line error for an unknown name
         if not any(applies(r, m) for m in args.methods):
-            raise AccordError(f"--regularizers {r!r} applies to none of --methods {' '.join(args.methods)} "
-                              "(PDLoss and ClassDiffusion need textual_inversion, custom_diffusion, lora+text or "
-                              "dreambooth+text; prior needs dreambooth, dreambooth+text or custom_diffusion)")
+            takers = " ".join(m for m in METHODS if applies(r, m))
+            raise AccordError(f"--regularizers {r!r} applies to none of --methods {' '.join(args.methods)}: add one "
+                              f"of {takers}")
     task = load_task(args.task) if args.task else default_task()
     if args.protocol == 2:
         return _bench_v2(args, task)
